@@ -132,16 +132,16 @@ func readGreeting(ctx context.Context, conn net.Conn, lr *lineReader) (Greeting,
 	}
 	if err != nil {
 		if errors.Is(err, ErrProtocol) {
-			return Greeting{}, fmt.Errorf("bad greeting: %w", err)
+			return Greeting{}, fmt.Errorf("qmp: reading greeting: %w", err)
 		}
-		return Greeting{}, fmt.Errorf("%w: reading greeting: %w", ErrClosed, err)
+		return Greeting{}, fmt.Errorf("qmp: reading greeting: %w: %w", ErrClosed, err)
 	}
 	m, err := decodeMessage(line)
 	if err != nil {
-		return Greeting{}, fmt.Errorf("bad greeting: %w", err)
+		return Greeting{}, fmt.Errorf("qmp: reading greeting: %w", err)
 	}
 	if m.kind != kindGreeting {
-		return Greeting{}, fmt.Errorf("%w: bad greeting: got %s first: %s", ErrProtocol, m.kind, snippet(line))
+		return Greeting{}, fmt.Errorf("qmp: reading greeting: %w: got %s instead: %s", ErrProtocol, m.kind, snippet(line))
 	}
 	return m.greeting, nil
 }
@@ -256,7 +256,7 @@ func (c *Client) deliver(m message, line []byte) error {
 		c.log.Debug("qmp: ignoring late reply to abandoned request", "id", id)
 		return nil
 	default:
-		return fmt.Errorf("%w: %s with unknown id %s", ErrProtocol, m.kind, snippet(m.id))
+		return fmt.Errorf("%w: %s with unknown id %.40s", ErrProtocol, m.kind, m.id)
 	}
 }
 

@@ -200,7 +200,7 @@ func (c *Client) WaitMigration(ctx context.Context) (MigrationInfo, error) {
 	events, cancel := c.Subscribe("MIGRATION")
 	defer cancel()
 
-	interval := migratePollMin
+	interval := c.opts.pollMin
 	timer := time.NewTimer(interval)
 	defer timer.Stop()
 	for {
@@ -234,7 +234,7 @@ func (c *Client) WaitMigration(ctx context.Context) (MigrationInfo, error) {
 					break wait
 				}
 			case <-timer.C:
-				interval = min(interval*2, migratePollMax)
+				interval = min(interval*2, c.opts.pollMax)
 				timer.Reset(interval)
 				break wait
 			case <-ctx.Done():

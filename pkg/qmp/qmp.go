@@ -98,6 +98,9 @@ type options struct {
 	eventBuffer int
 	logger      *slog.Logger
 	maxMessage  int
+	// WaitMigration's poll interval grows from pollMin to pollMax; tests
+	// stretch it to prove the event path on its own.
+	pollMin, pollMax time.Duration
 }
 
 // DefaultEventBuffer is the per-subscriber channel capacity unless
@@ -115,6 +118,8 @@ func defaultOptions() options {
 		eventBuffer: DefaultEventBuffer,
 		logger:      slog.New(slog.DiscardHandler),
 		maxMessage:  DefaultMaxMessageSize,
+		pollMin:     migratePollMin,
+		pollMax:     migratePollMax,
 	}
 }
 

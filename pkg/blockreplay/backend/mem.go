@@ -8,9 +8,9 @@ import (
 // Mem is an in-memory disk. It is the reference model in tests: replay a
 // sequence of operations on Mem and on a real file and compare.
 type Mem struct {
-	mu       sync.RWMutex
-	data     []byte
-	flushes  int
+	mu      sync.RWMutex
+	data    []byte
+	flushes int
 }
 
 // NewMem returns a zero-filled disk of size bytes.

@@ -72,8 +72,9 @@ type Options struct {
 type Image struct {
 	Kernel, Initrd string // absolute paths
 	// Cmdline is the base kernel command line; callers append ftguest.*
-	// keys. It has panic=-1, so run QEMU with -no-reboot to make a guest
-	// panic end the process.
+	// keys (ftguest.run=, ftguest.ip=ADDR/PREFIX, ftguest.gw=, ...). It has
+	// panic=-1, so run QEMU with -no-reboot to make a guest panic end the
+	// process. Give the guest -device virtio-rng-pci for entropy at boot.
 	Cmdline string
 	Hash    string // SHA-256 of all inputs, hex
 }

@@ -9,8 +9,11 @@ import (
 )
 
 // baseModules are the drivers every guest needs: virtio PCI transport, the
-// disk and the NIC. They are modules, not built in, in Debian's cloud kernel.
-var baseModules = []string{"virtio_pci", "virtio_blk", "virtio_net"}
+// disk and the NIC (modules, not built in, in Debian's cloud kernel), and
+// virtio_rng: without an entropy device the guest's CRNG takes about a
+// second under TCG to initialise, and ftguest's first random disk payload
+// waits for it.
+var baseModules = []string{"virtio_pci", "virtio_blk", "virtio_net", "virtio_rng"}
 
 // module is a kernel module to copy into the initramfs and load.
 type module struct {

@@ -312,6 +312,11 @@ func (c *Client) Subscribe(names ...string) (<-chan Event, func()) {
 // Execute runs command with args (marshalled to JSON; nil for none) and
 // decodes the reply's return value into result (nil to discard it). A QMP
 // error reply is returned as *Error.
+//
+// When ctx ends first, Execute returns ctx's error, but QEMU may still run
+// the command: a timed-out "stop" can have stopped the guest. Events that
+// QEMU sent before the reply (e.g. STOP before the reply to "stop") are in
+// the subscriber channels, buffer permitting, by the time Execute returns.
 func (c *Client) Execute(ctx context.Context, command string, args, result any) error {
 	return c.execute(ctx, command, args, -1, result)
 }

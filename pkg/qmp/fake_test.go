@@ -30,7 +30,7 @@ const testGreeting = `{"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "ma
 
 // fakeServer is the server end of a scripted QMP conversation.
 type fakeServer struct {
-	t    *testing.T
+	t    testing.TB
 	conn net.Conn
 	r    *bufio.Reader
 	wmu  sync.Mutex
@@ -44,7 +44,7 @@ type fakeReq struct {
 	raw       []byte
 }
 
-func newFakeServer(t *testing.T, conn net.Conn) *fakeServer {
+func newFakeServer(t testing.TB, conn net.Conn) *fakeServer {
 	return &fakeServer{t: t, conn: conn, r: bufio.NewReader(conn)}
 }
 
@@ -123,13 +123,13 @@ func (f *fakeServer) serve(handle func(req fakeReq) error) error {
 // startFake connects a client to a scripted server over net.Pipe. script
 // runs after the handshake; its error fails the test. Everything is torn
 // down at cleanup.
-func startFake(t *testing.T, script func(f *fakeServer) error, opts ...Option) *Client {
+func startFake(t testing.TB, script func(f *fakeServer) error, opts ...Option) *Client {
 	t.Helper()
 	cc, sc := net.Pipe()
 	return startFakeConn(t, cc, sc, script, opts...)
 }
 
-func startFakeConn(t *testing.T, cc, sc net.Conn, script func(f *fakeServer) error, opts ...Option) *Client {
+func startFakeConn(t testing.TB, cc, sc net.Conn, script func(f *fakeServer) error, opts ...Option) *Client {
 	t.Helper()
 	f := newFakeServer(t, sc)
 	done := make(chan struct{})
@@ -166,7 +166,7 @@ func startFakeConn(t *testing.T, cc, sc net.Conn, script func(f *fakeServer) err
 }
 
 // unixPair returns two connected unix stream sockets.
-func unixPair(t *testing.T) (*net.UnixConn, *net.UnixConn) {
+func unixPair(t testing.TB) (*net.UnixConn, *net.UnixConn) {
 	t.Helper()
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
@@ -188,7 +188,7 @@ func unixPair(t *testing.T) (*net.UnixConn, *net.UnixConn) {
 
 // ctxT is a test context bounded well below go test's own timeout, so a
 // hang becomes a clear failure.
-func ctxT(t *testing.T, d time.Duration) context.Context {
+func ctxT(t testing.TB, d time.Duration) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), d)
 	t.Cleanup(cancel)
 	return ctx

@@ -30,7 +30,7 @@ type qemuProc struct {
 
 // startQEMU starts a tiny paused TCG VM (no disk, no NIC, no kernel: the CPU
 // would sit in the BIOS) with a QMP socket, and stops it at cleanup.
-func startQEMU(t *testing.T, extra ...string) *qemuProc {
+func startQEMU(t testing.TB, extra ...string) *qemuProc {
 	t.Helper()
 	bin, err := exec.LookPath(qemuBinary)
 	if err != nil {
@@ -70,7 +70,7 @@ func startQEMU(t *testing.T, extra ...string) *qemuProc {
 }
 
 // dial connects to the QEMU's QMP socket, retrying while QEMU starts up.
-func (p *qemuProc) dial(t *testing.T, opts ...Option) *Client {
+func (p *qemuProc) dial(t testing.TB, opts ...Option) *Client {
 	t.Helper()
 	ctx := ctxT(t, 30*time.Second)
 	delay := 5 * time.Millisecond

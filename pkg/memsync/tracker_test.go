@@ -12,6 +12,7 @@ import (
 
 func TestMain(m *testing.M) {
 	memsynctest.RunWriterIfChild()
+	crashChild()
 	os.Exit(m.Run())
 }
 

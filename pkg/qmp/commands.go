@@ -195,7 +195,10 @@ const (
 // from polling query-migrate, whichever comes first; it subscribes before
 // the first poll so an early event cannot slip between the two. Before any
 // migration has started the status is "" and WaitMigration keeps waiting
-// until ctx ends.
+// until ctx ends. Call it only after Migrate (or MigrateIncoming) returned
+// nil: QEMU resets the status to "setup" inside a successful migrate, but
+// after a refused one query-migrate still shows the previous migration's
+// final status.
 func (c *Client) WaitMigration(ctx context.Context) (MigrationInfo, error) {
 	events, cancel := c.Subscribe("MIGRATION")
 	defer cancel()

@@ -82,7 +82,7 @@ type Event struct {
 
 // Greeting is what the server announced when the connection opened.
 type Greeting struct {
-	// Version is QEMU's version, e.g. 7.2.22.
+	// Major, Minor and Micro are QEMU's version, e.g. 7.2.22.
 	Major, Minor, Micro int
 	// Package is the distribution's package string.
 	Package string

@@ -361,6 +361,14 @@ func (w *Writer) PID() int { return w.pid }
 // nothing).
 func (w *Writer) Do(t testing.TB, op byte, pages []int) {
 	t.Helper()
+	if err := w.Write(op, pages); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// Write is Do returning an error, for use from other goroutines. Calls must
+// not overlap.
+func (w *Writer) Write(op byte, pages []int) error {
 	var b strings.Builder
 	b.WriteByte(op)
 	for _, p := range pages {
@@ -369,12 +377,13 @@ func (w *Writer) Do(t testing.TB, op byte, pages []int) {
 	}
 	b.WriteByte('\n')
 	if _, err := io.WriteString(w.in, b.String()); err != nil {
-		t.Fatalf("writer helper: %v", err)
+		return fmt.Errorf("writer helper: %w", err)
 	}
 	line, err := w.out.ReadString('\n')
 	if err != nil || line != "ok\n" {
-		t.Fatalf("writer helper answered %q, %v", line, err)
+		return fmt.Errorf("writer helper answered %q, %v", line, err)
 	}
+	return nil
 }
 
 // RunWriterIfChild turns the process into the writer helper when the suite

@@ -39,7 +39,7 @@ func Verify(r io.ReaderAt, size int64) (Report, error) {
 		return rep, fmt.Errorf("%w: %d bytes hold %d records, need at least 2", ErrBadDevice, size, rep.Slots)
 	}
 	v := verifier{rep: &rep, n: rep.Slots}
-	buf := make([]byte, readChunk*RecordSize)
+	buf := make([]byte, min(readChunk, rep.Slots)*RecordSize)
 	for first := int64(0); first < rep.Slots; first += readChunk {
 		count := min(readChunk, rep.Slots-first)
 		chunk := buf[:count*RecordSize]

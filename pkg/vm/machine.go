@@ -61,7 +61,7 @@ type Machine struct {
 
 // Start validates spec, resolves the accelerator, and starts QEMU with its
 // QMP socket connected and capabilities negotiated.
-func Start(ctx context.Context, spec Spec, o Options) (m *Machine, err error) {
+func Start(ctx context.Context, spec Spec, o Options) (*Machine, error) {
 	spec = spec.WithDefaults()
 	if err := spec.Validate(); err != nil {
 		return nil, err
@@ -90,9 +90,10 @@ func Start(ctx context.Context, spec Spec, o Options) (m *Machine, err error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	m = &Machine{spec: spec, accel: accel, log: log.With("vm", spec.Name), exited: make(chan struct{}), stderr: &tailBuffer{max: 8 << 10}}
+	m := &Machine{spec: spec, accel: accel, log: log.With("vm", spec.Name), exited: make(chan struct{}), stderr: &tailBuffer{max: 8 << 10}}
+	started := false
 	defer func() {
-		if err != nil {
+		if !started {
 			m.Close()
 		}
 	}()
@@ -178,15 +179,18 @@ func Start(ctx context.Context, spec Spec, o Options) (m *Machine, err error) {
 	}()
 	c, err := qmp.Dial(dctx, "unix", sock)
 	if err != nil {
+		// A reset connection usually means QEMU is exiting: give it a
+		// moment so the error carries QEMU's own reason.
 		select {
 		case <-m.exited:
 			return nil, m.exitError()
-		default:
+		case <-time.After(2 * time.Second):
 		}
 		return nil, fmt.Errorf("connect QMP of %s: %w", spec.Name, err)
 	}
 	m.qmp = c
 	m.log.Info("qemu started", "pid", cmd.Process.Pid, "accel", accel, "standby", o.Standby)
+	started = true
 	return m, nil
 }
 
@@ -298,7 +302,9 @@ func (m *Machine) Kill() error {
 func (m *Machine) Close() error {
 	var err error
 	m.closeOnce.Do(func() {
-		err = m.Kill()
+		if m.cmd != nil {
+			err = m.Kill()
+		}
 		if m.qmp != nil {
 			m.qmp.Close()
 		}

@@ -1,5 +1,3 @@
-//go:build goqemu
-
 package goqemu
 
 import (

@@ -237,4 +237,3 @@ func ms(d time.Duration) time.Duration {
 	}
 	return d.Round(10 * time.Microsecond)
 }
-

@@ -319,7 +319,7 @@ type Writer struct {
 
 // StartWriter re-executes the test binary as a Writer on path; it stops when
 // the test ends.
-func StartWriter(ctx context.Context, t *testing.T, path string) *Writer {
+func StartWriter(ctx context.Context, t testing.TB, path string) *Writer {
 	exe, err := os.Executable()
 	if err != nil {
 		t.Fatal(err)

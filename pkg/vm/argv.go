@@ -44,6 +44,11 @@ func (s Spec) argv(o argvOptions) []string {
 		// A guest that panics or reboots must not silently restart from
 		// scratch: that would look like a live VM with lost state.
 		"-no-reboot",
+		// An entropy source: without it a freshly booted guest's RNG takes
+		// about a second to initialise under TCG, and anything waiting on
+		// getrandom (the test guest's disk writer) waits with it.
+		"-object", "rng-random,id=rng0,filename=/dev/urandom",
+		"-device", "virtio-rng-pci,id=rng0-dev,rng=rng0",
 	}
 	if s.CPU != "" {
 		a = append(a, "-cpu", s.CPU)

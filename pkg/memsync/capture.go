@@ -70,7 +70,9 @@ func (c *Capturer) get(n int) []byte {
 			return b[:n]
 		}
 	}
-	return make([]byte, n)
+	// Slack so that a slightly larger dirty set next epoch still fits and
+	// the pause does not pay for faulting in a fresh buffer.
+	return make([]byte, n, n+n/4+PageSize)
 }
 
 func (c *Capturer) put(b []byte) {

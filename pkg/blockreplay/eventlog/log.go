@@ -93,7 +93,9 @@ func (l *Log) Flush(ctx context.Context) error { return l.inner.Flush(ctx) }
 func (l *Log) WriteAt(ctx context.Context, p []byte, off int64, fl backend.Flags) error {
 	return l.do(ctx, off, int64(len(p)), func() error { return l.inner.WriteAt(ctx, p, off, fl) },
 		func() Record {
-			return Record{Kind: KindWrite, Offset: uint64(off), Length: uint64(len(p)), Data: append([]byte(nil), p...)}
+			d := getData(len(p))
+			copy(d, p)
+			return Record{Kind: KindWrite, Offset: uint64(off), Length: uint64(len(p)), Data: d}
 		})
 }
 
@@ -200,7 +202,9 @@ func (l *Log) CopyRange(ctx context.Context, off int64, buf []byte) (sent bool, 
 	if allZero(buf) {
 		return false, nil
 	}
-	r := Record{Kind: KindWrite, Offset: uint64(off), Length: uint64(len(buf)), Data: append([]byte(nil), buf...)}
+	d := getData(len(buf))
+	copy(d, buf)
+	r := Record{Kind: KindWrite, Offset: uint64(off), Length: uint64(len(buf)), Data: d}
 	l.emit(&r, xxhash.Sum64(r.Data))
 	return true, l.Err()
 }

@@ -521,6 +521,7 @@ func Pump(ctx context.Context, src eventlog.Source, r *Replayer, autoCommit bool
 		if err := r.Stage(ctx, rec); err != nil {
 			return err
 		}
+		eventlog.Recycle(rec) // staged to the file: the data is no longer needed
 		if autoCommit && rec.Kind == eventlog.KindEpochEnd {
 			if err := r.Commit(ctx, rec.Epoch); err != nil {
 				return err

@@ -234,13 +234,17 @@ func (e *Encoder) Encode(dst []byte, snap *Snapshot, base *Base) ([]byte, Stats,
 	}
 	if parts == 1 {
 		var err error
-		dst, st, err = e.encodeRange(dst, 0, snap, 0, len(snap.Pages), base, 0)
+		dst, st, _, err = e.encodeRange(dst, 0, snap, 0, len(snap.Pages), base, 0)
 		if err != nil {
 			return dst[:start], Stats{}, err
 		}
 	} else {
+		// Each part's gaps are relative to its own first page; the first
+		// record's gap is rewritten on concatenation, because which pages
+		// the previous part skipped as unchanged is only known afterwards.
 		outs := make([][]byte, parts)
 		stats := make([]Stats, parts)
+		lasts := make([]int, parts)
 		errs := make([]error, parts)
 		per := (len(snap.Pages) + parts - 1) / parts
 		var wg sync.WaitGroup
@@ -249,23 +253,27 @@ func (e *Encoder) Encode(dst []byte, snap *Snapshot, base *Base) ([]byte, Stats,
 			if lo >= hi {
 				continue
 			}
-			next := 0
-			if lo > 0 {
-				next = snap.Pages[lo-1] + 1
-			}
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				outs[w], stats[w], errs[w] = e.encodeRange(make([]byte, 0, (hi-lo)*PageSize/4), w, snap, lo, hi, base, next)
+				outs[w], stats[w], lasts[w], errs[w] = e.encodeRange(make([]byte, 0, (hi-lo)*PageSize/4), w, snap, lo, hi, base, snap.Pages[lo])
 			}()
 		}
 		wg.Wait()
+		next := 0
 		for w := range parts {
 			if errs[w] != nil {
 				return dst[:start], Stats{}, errs[w]
 			}
-			dst = append(dst, outs[w]...)
 			st.add(stats[w])
+			if len(outs[w]) == 0 {
+				continue
+			}
+			g0, n := binary.Uvarint(outs[w])
+			first := snap.Pages[w*per] + int(g0)
+			dst = binary.AppendUvarint(dst, uint64(first-next))
+			dst = append(dst, outs[w][n:]...)
+			next = lasts[w] + 1
 		}
 	}
 	dst = binary.LittleEndian.AppendUint64(dst, xxhash.Sum64(dst[start:]))
@@ -279,9 +287,9 @@ func (e *Encoder) Encode(dst []byte, snap *Snapshot, base *Base) ([]byte, Stats,
 }
 
 // encodeRange encodes snapshot pages [lo,hi) with worker w's scratch state.
-// next is the page the first record's gap is relative to (one past the
-// previous record's page).
-func (e *Encoder) encodeRange(dst []byte, w int, snap *Snapshot, lo, hi int, base *Base, next int) ([]byte, Stats, error) {
+// next is the page the first record's gap is relative to. It also returns
+// the last page it wrote a record for.
+func (e *Encoder) encodeRange(dst []byte, w int, snap *Snapshot, lo, hi int, base *Base, next int) ([]byte, Stats, int, error) {
 	var st Stats
 	scratch := e.scratch[w]
 	for k := lo; k < hi; k++ {
@@ -346,7 +354,7 @@ func (e *Encoder) encodeRange(dst []byte, w int, snap *Snapshot, lo, hi int, bas
 		dst = append(dst, out...)
 		st.Delta++
 	}
-	return dst, st, nil
+	return dst, st, next - 1, nil
 }
 
 // lz4 compresses src into worker w's scratch output area; nil when it does

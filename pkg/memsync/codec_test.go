@@ -341,3 +341,29 @@ func FuzzRoundTrip(f *testing.F) {
 		}
 	})
 }
+
+// TestEncodeParallelSkips splits snapshots with unchanged pages (left out
+// of the frame) across several encoder goroutines: the page gaps must still
+// chain across the parts.
+func TestEncodeParallelSkips(t *testing.T) {
+	const n = 1200
+	rng := rand.New(rand.NewPCG(15, 16))
+	old, cur := genMix(rng, "sparse", n)
+	for i := range n {
+		// Unchanged runs of various lengths, also at the part boundaries.
+		if (i/37)%2 == 0 || rng.IntN(4) == 0 {
+			copy(cur[i*memsync.PageSize:(i+1)*memsync.PageSize], old[i*memsync.PageSize:])
+		}
+	}
+	for _, workers := range []int{2, 3, 7} {
+		for _, c := range []memsync.Codec{memsync.CodecRaw, memsync.DefaultCodec} {
+			got, st := roundTrip(t, c, workers, old, cur, allPages(n))
+			if !bytes.Equal(got, cur) {
+				t.Fatalf("%s with %d workers: replica differs", c, workers)
+			}
+			if st.Unchanged == 0 || st.Unchanged == n {
+				t.Fatalf("fixture should mix changed and unchanged pages: %+v", st)
+			}
+		}
+	}
+}

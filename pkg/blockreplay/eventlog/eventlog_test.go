@@ -254,6 +254,9 @@ func TestLogSinkFailureKeepsLocalWrites(t *testing.T) {
 	if err := l.WriteAt(ctx, []byte("x"), 4095, 0); err != nil {
 		t.Fatal(err)
 	}
+	if err := l.WriteAt(ctx, nil, 4096, 0); err != nil {
+		t.Errorf("zero-length write at the end: %v", err)
+	}
 	if err := l.WriteAt(ctx, []byte("xy"), 4095, 0); !errors.Is(err, backend.ErrOutOfRange) {
 		t.Errorf("write past the end: %v", err)
 	}
@@ -274,6 +277,16 @@ func TestLogBackPressureBlocksWriter(t *testing.T) {
 	case <-done:
 		t.Fatal("second write returned while the pipe was full")
 	case <-time.After(50 * time.Millisecond):
+	}
+	zero := make(chan error, 1)
+	go func() { zero <- l.Trim(ctx, 0, 0, 0) }()
+	select { // an empty trim makes no event, so it must not wait for room
+	case err := <-zero:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("empty trim waited on back-pressure")
 	}
 	r, _ := p.Recv(ctx)
 	if r.Seq != 42 || r.Epoch != 5 {

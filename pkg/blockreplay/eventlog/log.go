@@ -124,6 +124,9 @@ func (l *Log) do(ctx context.Context, off, n int64, op func() error, rec func() 
 	if err := backend.CheckRange(l.inner.Size(), off, n); err != nil {
 		return err
 	}
+	if n == 0 {
+		return op() // changes nothing: no event
+	}
 	t, err := l.locks.Lock(ctx, uint64(off), uint64(n))
 	if err != nil {
 		return err

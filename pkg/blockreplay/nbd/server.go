@@ -198,6 +198,11 @@ func (s *Server) ServeConn(ctx context.Context, nc net.Conn) error {
 		return err
 	}
 	nc.SetDeadline(time.Time{})
+	if ctx.Err() != nil {
+		// Shutdown raced with the end of the handshake and its deadline was
+		// just cleared; set it again so the reader does not block forever.
+		nc.SetDeadline(time.Unix(1, 0))
+	}
 	log = log.With("export", ex.Name)
 	err = s.transmit(ctx, c, ex, log)
 	if err != nil {

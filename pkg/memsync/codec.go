@@ -41,26 +41,34 @@ const (
 var allCodecs = []Codec{CodecRaw, CodecXORRLE, CodecXORZstd, CodecXORLZ4, CodecXORRLELZ4, CodecXORRLEZstd}
 
 // DefaultCodec is XOR+RLE with an LZ4 fallback for dense pages, chosen by
-// BenchmarkEncode (one core, 4 MiB of pages per mix, this project's 2-core
-// EPYC machine; out/in ratio and MB/s of input):
+// measurement. BenchmarkEncode (one core, 4 MiB of pages per mix, this
+// project's 2-core EPYC machine, shared, so speeds are +-30%), output/input
+// ratio and input MB/s:
 //
-//	mix      raw          xor+rle      xor+lz4      xor+zstd     xor+rle/lz4  xor+rle/zstd
-//	sparse   1.00         0.010 ~5GB/s 0.021 ~5GB/s 0.017 0.7GB/s 0.010 ~5GB/s 0.010 ~5GB/s
-//	text     1.00         0.996 0.5GB/s 0.99 0.7GB/s 1.00 2GB/s   0.53 0.24GB/s 0.34 0.16GB/s
-//	random   1.00         1.00  1.3GB/s 1.00 1.5GB/s 1.00 2.6GB/s 1.00 0.8GB/s 1.00 1GB/s
-//	zero     0.0005 (a flag per page, every codec)
-//	mixed    0.90         0.30  2.1GB/s 0.31 2.2GB/s 0.31 1GB/s   0.21 1GB/s   0.17 0.7GB/s
+//	mix     raw        xor+rle      xor+lz4      xor+zstd     xor+rle/lz4  xor+rle/zstd
+//	sparse  1     4200 0.010  5000  0.021  5200  0.017   780  0.010  4900  0.010  4400
+//	text    1     3300 0.996   500  0.991   720  1.000  2100  0.528   300  0.340   180
+//	random  1     4800 1.000  2500  1.000  1500  1.000  2600  1.000   900  1.000  1300
+//	zero    0.0005 for every codec (a flag per page), 25000-33000
+//	mixed   0.90  4300 0.302  1700  0.308  2200  0.307  1100  0.210  1100  0.173   770
+//
+// On real guest RAM (pkg/memsync/guesttest, a 256 MiB TCG guest running
+// the test workload): the full RAM against an empty replica gives 0.377
+// raw, 0.322 xor+rle, 0.205 xor+lz4, 0.179 xor+zstd, 0.205 xor+rle/lz4;
+// the pages changed in 300 ms give 0.021 xor+rle, 0.030 xor+lz4, 0.024
+// xor+zstd, 0.018 xor+rle/lz4, 0.017 xor+rle/zstd.
 //
 // Sparse changes, the common case between checkpoints, go through XOR+RLE
 // alone: the smallest output and the fastest encoder (one pass, no hash
-// table). A general compressor on the XOR delta (xor+lz4, xor+zstd) never
-// beats it there and does nothing for dense pages, because XORing two
-// unrelated contents destroys what made them compressible; so dense pages
-// (RLE output over a quarter page) also try LZ4 on the page itself and keep
-// the smaller. On the mixed workload that cuts the output by a third (0.30
-// to 0.21) at about 1 GB/s per core, still faster than a 10 GbE link on two
-// cores, and the checkpoint's send time, not the encode, is what output
-// waits for. CodecXORRLEZstd compresses further (0.17) for slow links.
+// table). A general compressor on the XOR delta never beats it there and
+// does little for dense pages, because XORing two unrelated contents
+// destroys what made them compressible; so dense pages also try LZ4 on the
+// page itself. On the mixed workload that cuts the output by a third (0.30
+// to 0.21) and on real RAM by 13-36%, at about 1 GB/s per core: faster than
+// a 10 GbE link on two cores, and the checkpoint's send time, not the
+// encode (which runs after cont), is what held-back output waits for.
+// CodecXORRLEZstd compresses further (0.17 mixed) at 0.75 GB/s, for slow
+// links.
 const DefaultCodec = CodecXORRLELZ4
 
 // String names the codec.
@@ -324,22 +332,7 @@ func (e *Encoder) encodeRange(dst []byte, w int, snap *Snapshot, lo, hi int, bas
 		case CodecXORLZ4:
 			out, kind = e.lz4(w, delta), kindLZ4
 		case CodecXORRLELZ4, CodecXORRLEZstd:
-			out, kind = rleEncode(out, delta), kindXORRLE
-			if out == nil || len(out) > denseDelta {
-				var plain []byte
-				if e.codec == CodecXORRLELZ4 {
-					plain = e.lz4(w, cur)
-				} else {
-					// Behind the RLE output in scratch, which may still win.
-					plain = e.zenc.EncodeAll(cur, scratch[2*PageSize:2*PageSize])
-				}
-				if plain != nil && (out == nil || len(plain) < len(out)) {
-					out, kind = plain, kindLZ4Plain
-					if e.codec == CodecXORRLEZstd {
-						kind = kindZstdPlain
-					}
-				}
-			}
+			out, kind = e.hybrid(w, cur, delta)
 		}
 		// Raw when compression does not pay for its length prefix (an RLE
 		// that gave up returns nil).
@@ -355,6 +348,33 @@ func (e *Encoder) encodeRange(dst []byte, w int, snap *Snapshot, lo, hi int, bas
 		st.Delta++
 	}
 	return dst, st, next - 1, nil
+}
+
+// hybrid encodes a page for the XOR+RLE-with-fallback codecs. Sparse
+// deltas are settled by an RLE pass that gives up after denseDelta bytes of
+// output; a dense page is compressed as itself (lz4 or zstd); only if that
+// does not get below three quarters of a page does a full RLE pass compete
+// (half a page of random bytes rewritten: the page is incompressible, its
+// delta half zero).
+func (e *Encoder) hybrid(w int, cur, delta []byte) ([]byte, byte) {
+	scratch := e.scratch[w]
+	if out := rleEncodeLimit(scratch[PageSize:PageSize], delta, denseDelta); out != nil {
+		return out, kindXORRLE
+	}
+	var plain []byte
+	kind := kindLZ4Plain
+	if e.codec == CodecXORRLELZ4 {
+		plain = e.lz4(w, cur)
+	} else {
+		plain, kind = e.zenc.EncodeAll(cur, scratch[2*PageSize:2*PageSize]), kindZstdPlain
+	}
+	if plain != nil && len(plain) < PageSize*3/4 {
+		return plain, kind
+	}
+	if full := rleEncode(scratch[PageSize:PageSize], delta); full != nil && (plain == nil || len(full) < len(plain)) {
+		return full, kindXORRLE
+	}
+	return plain, kind
 }
 
 // lz4 compresses src into worker w's scratch output area; nil when it does
@@ -392,7 +412,12 @@ func xorInto(dst, a []byte) {
 // rleEncode appends to out the delta as (zero-run, literal-length, literal)
 // triples; trailing zeros are implicit. It returns nil once the output would
 // reach PageSize, so incompressible pages cost little before going raw.
-func rleEncode(out, d []byte) []byte {
+func rleEncode(out, d []byte) []byte { return rleEncodeLimit(out, d, PageSize) }
+
+// rleEncodeLimit is rleEncode giving up (nil) once the output would reach
+// limit bytes.
+func rleEncodeLimit(out, d []byte, limit int) []byte {
+	limit += len(out)
 	i := 0
 	for i < len(d) {
 		// Skip zeros, a word at a time where aligned.
@@ -412,15 +437,25 @@ func rleEncode(out, d []byte) []byte {
 		}
 		// Literal up to the last non-zero byte before a long-enough zero run.
 		last := j
-		for k := j + 1; k < len(d) && k-last <= rleMinZeroRun; k++ {
+		for k := j + 1; k < len(d) && k-last <= rleMinZeroRun; {
+			// A word without a zero byte is literal as a whole: dense
+			// deltas move eight bytes a step.
+			if k+8 <= len(d) {
+				if w := binary.LittleEndian.Uint64(d[k:]); (w-0x0101010101010101)&^w&0x8080808080808080 == 0 {
+					last = k + 7
+					k += 8
+					continue
+				}
+			}
 			if d[k] != 0 {
 				last = k
 			}
+			k++
 		}
 		lit := d[j : last+1]
 		out = binary.AppendUvarint(out, uint64(j-i))
 		out = binary.AppendUvarint(out, uint64(len(lit)))
-		if len(out)+len(lit) >= PageSize {
+		if len(out)+len(lit) >= limit {
 			return nil
 		}
 		out = append(out, lit...)

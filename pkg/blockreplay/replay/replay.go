@@ -14,9 +14,13 @@
 // committed epoch again from the start. Replaying is idempotent because
 // every event sets its range to absolute content.
 //
-// Durable state (state.json, replaced atomically) records the last applied
-// epoch and sequence number: committing an epoch again, in the same process
-// or after a restart, is a no-op.
+// Durable state costs two syncs per commit: the commit marker, and the
+// image after applying. The newest committed staging file is kept until the
+// next commit and is itself the durable record of the last applied epoch
+// and sequence number (Open redoes it, harmlessly); older ones are deleted
+// once a later epoch's image sync has covered them. state.json, replaced
+// atomically, only holds the starting point set by Reset. So committing an
+// epoch again, in the same process or after a restart, is a no-op.
 package replay
 
 import (
@@ -129,7 +133,9 @@ func (r *Replayer) stagedEpochs() ([]uint64, error) {
 	return es, nil
 }
 
-// recover redoes committed-but-unfinished epochs and removes the rest.
+// recover redoes the committed epochs whose staging files are still there
+// (the newest is kept as the state record; an older one survives only if a
+// crash came before its deletion) and removes uncommitted ones.
 func (r *Replayer) recover(ctx context.Context) error {
 	es, err := r.stagedEpochs()
 	if err != nil {
@@ -137,31 +143,35 @@ func (r *Replayer) recover(ctx context.Context) error {
 	}
 	var redo []uint64
 	for _, e := range es {
-		if e == r.applied.Epoch+uint64(len(redo))+1 && r.hasCommitMarker(e) {
-			redo = append(redo, e)
+		if e <= r.applied.Epoch || !r.hasCommitMarker(e) {
 			continue
 		}
-		break
+		if len(redo) > 0 && e != redo[len(redo)-1]+1 {
+			return fmt.Errorf("%w: committed staging files skip from epoch %d to %d", eventlog.ErrCorrupt, redo[len(redo)-1], e)
+		}
+		redo = append(redo, e)
 	}
 	if len(redo) > 0 {
-		r.log.Info("replay: redoing epochs committed before a crash", "from", redo[0], "to", redo[len(redo)-1])
+		r.log.Info("replay: redoing committed epochs from their staging files", "from", redo[0], "to", redo[len(redo)-1])
 		if err := r.applyEpochs(ctx, redo); err != nil {
 			return err
 		}
 	}
-	return r.removeStaged()
+	return r.removeUncommitted()
 }
 
-// removeStaged deletes every staging file (anything from an epoch at or
-// below the applied one is a leftover, anything above is uncommitted).
-func (r *Replayer) removeStaged() error {
+// removeUncommitted deletes the staging files of epochs after the applied
+// one, and leftovers from before it, keeping the applied epoch's own file.
+func (r *Replayer) removeUncommitted() error {
 	es, err := r.stagedEpochs()
 	if err != nil {
 		return err
 	}
 	for _, e := range es {
-		if err := os.Remove(r.stagePath(e)); err != nil && !errors.Is(err, os.ErrNotExist) {
-			return fmt.Errorf("remove staging file: %w", err)
+		if e != r.applied.Epoch {
+			if err := os.Remove(r.stagePath(e)); err != nil && !errors.Is(err, os.ErrNotExist) {
+				return fmt.Errorf("remove staging file: %w", err)
+			}
 		}
 	}
 	return nil
@@ -329,8 +339,8 @@ func (r *Replayer) markCommitted(e uint64) error {
 	return nil
 }
 
-// applyEpochs replays committed staging files in order, syncs the image,
-// then records the state and removes the files.
+// applyEpochs replays committed staging files in order and syncs the
+// image; then the last file is the state record and the older ones go.
 func (r *Replayer) applyEpochs(ctx context.Context, es []uint64) error {
 	for _, e := range es {
 		_, _, err := r.scan(e, func(rec *eventlog.Record) error { return r.apply(ctx, rec) })
@@ -341,11 +351,16 @@ func (r *Replayer) applyEpochs(ctx context.Context, es []uint64) error {
 	if err := r.img.Flush(ctx); err != nil {
 		return fmt.Errorf("sync replica image: %w", err)
 	}
-	if err := r.writeState(state{Epoch: es[len(es)-1], Seq: r.endSeq}); err != nil {
+	r.applied = state{Epoch: es[len(es)-1], Seq: r.endSeq}
+	// A deletion lost to a crash only means one more harmless redo.
+	older, err := r.stagedEpochs()
+	if err != nil {
 		return err
 	}
-	for _, e := range es {
-		os.Remove(r.stagePath(e))
+	for _, e := range older {
+		if e < r.applied.Epoch {
+			os.Remove(r.stagePath(e))
+		}
 	}
 	return nil
 }
@@ -475,7 +490,7 @@ func (r *Replayer) Discard(context.Context) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.reset()
-	return r.removeStaged()
+	return r.removeUncommitted()
 }
 
 // Reset forgets everything staged and declares the replica to be at the
@@ -485,8 +500,14 @@ func (r *Replayer) Reset(_ context.Context, epoch, seq uint64) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.closeCur()
-	if err := r.removeStaged(); err != nil {
+	es, err := r.stagedEpochs()
+	if err != nil {
 		return err
+	}
+	for _, e := range es {
+		if err := os.Remove(r.stagePath(e)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("remove staging file: %w", err)
+		}
 	}
 	if err := r.writeState(state{Epoch: epoch, Seq: seq}); err != nil {
 		return err

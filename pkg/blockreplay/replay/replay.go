@@ -70,17 +70,20 @@ type Replayer struct {
 	dir string
 	log *slog.Logger
 
-	mu      sync.Mutex
-	applied state
-	open    uint64 // epoch being staged
-	lastSeq uint64 // last staged sequence number
-	events  uint64 // events staged in the open epoch
-	cur     *os.File
-	curW    *bufio.Writer
-	curLen  int64
-	sealed  []uint64 // sealed, uncommitted epochs in order
-	broken  error
-	endSeq  uint64 // sequence number at the end of the last scanned epoch
+	// commitMu serialises Commit, Discard and Reset for their whole
+	// length; mu guards the fields below and is held only briefly, so
+	// staging the next epoch goes on while one is being applied.
+	commitMu sync.Mutex
+	mu       sync.Mutex
+	applied  state
+	open     uint64 // epoch being staged
+	lastSeq  uint64 // last staged sequence number
+	events   uint64 // events staged in the open epoch
+	cur      *os.File
+	curW     *bufio.Writer
+	curLen   int64
+	sealed   []uint64 // sealed, uncommitted epochs in order
+	broken   error
 }
 
 // Open loads the state in dir (created if missing) and finishes any commit
@@ -178,8 +181,8 @@ func (r *Replayer) removeUncommitted() error {
 }
 
 func (r *Replayer) hasCommitMarker(e uint64) bool {
-	last, _, err := r.scan(e, nil)
-	return err == nil && last.Kind == eventlog.KindCommit
+	committed, _, err := r.scan(e, nil)
+	return err == nil && committed
 }
 
 func (r *Replayer) reset() {
@@ -286,12 +289,15 @@ func (r *Replayer) appendStaged(rec *eventlog.Record) error {
 // then syncs the image and records the new state. Epochs already applied
 // are skipped, so committing twice is harmless.
 func (r *Replayer) Commit(ctx context.Context, epoch uint64) error {
+	r.commitMu.Lock()
+	defer r.commitMu.Unlock()
 	r.mu.Lock()
-	defer r.mu.Unlock()
 	if r.broken != nil {
+		r.mu.Unlock()
 		return r.broken
 	}
 	if epoch <= r.applied.Epoch {
+		r.mu.Unlock()
 		return nil
 	}
 	n := 0
@@ -299,9 +305,15 @@ func (r *Replayer) Commit(ctx context.Context, epoch uint64) error {
 		n++
 	}
 	if n == 0 || r.sealed[n-1] != epoch {
-		return fmt.Errorf("%w: commit of epoch %d, applied up to %d, sealed %v", ErrNotSealed, epoch, r.applied.Epoch, r.sealed)
+		err := fmt.Errorf("%w: commit of epoch %d, applied up to %d, sealed %v", ErrNotSealed, epoch, r.applied.Epoch, r.sealed)
+		r.mu.Unlock()
+		return err
 	}
-	todo := r.sealed[:n]
+	// Only Commit, Discard and Reset shrink sealed, and they hold commitMu,
+	// so this prefix stays put while staging goes on.
+	todo := slices.Clone(r.sealed[:n])
+	r.mu.Unlock()
+
 	// Check every staged epoch before changing anything: a corrupt staging
 	// file must not leave the replica half way between two epochs.
 	for _, e := range todo {
@@ -314,7 +326,10 @@ func (r *Replayer) Commit(ctx context.Context, epoch uint64) error {
 			return err
 		}
 	}
-	if err := r.applyEpochs(ctx, todo); err != nil {
+	err := r.applyEpochs(ctx, todo)
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if err != nil {
 		r.broken = fmt.Errorf("%w: %w", ErrBroken, err)
 		return r.broken
 	}
@@ -342,8 +357,10 @@ func (r *Replayer) markCommitted(e uint64) error {
 // applyEpochs replays committed staging files in order and syncs the
 // image; then the last file is the state record and the older ones go.
 func (r *Replayer) applyEpochs(ctx context.Context, es []uint64) error {
+	var endSeq uint64
 	for _, e := range es {
-		_, _, err := r.scan(e, func(rec *eventlog.Record) error { return r.apply(ctx, rec) })
+		var err error
+		_, endSeq, err = r.scan(e, func(rec *eventlog.Record) error { return r.apply(ctx, rec) })
 		if err != nil {
 			return err
 		}
@@ -351,14 +368,16 @@ func (r *Replayer) applyEpochs(ctx context.Context, es []uint64) error {
 	if err := r.img.Flush(ctx); err != nil {
 		return fmt.Errorf("sync replica image: %w", err)
 	}
-	r.applied = state{Epoch: es[len(es)-1], Seq: r.endSeq}
+	r.mu.Lock()
+	r.applied = state{Epoch: es[len(es)-1], Seq: endSeq}
+	r.mu.Unlock()
 	// A deletion lost to a crash only means one more harmless redo.
 	older, err := r.stagedEpochs()
 	if err != nil {
 		return err
 	}
 	for _, e := range older {
-		if e < r.applied.Epoch {
+		if e < es[len(es)-1] {
 			os.Remove(r.stagePath(e))
 		}
 	}
@@ -387,65 +406,66 @@ func (r *Replayer) apply(ctx context.Context, rec *eventlog.Record) error {
 }
 
 // scan reads epoch e's staging file, checking every record, the sequence
-// and the end marker, and calls fn on each event. It returns the last record
-// (EpochEnd, or Commit when marked) and the number of events.
-func (r *Replayer) scan(e uint64, fn func(*eventlog.Record) error) (eventlog.Record, uint64, error) {
+// and the end marker, and calls fn on each event. It reports whether the
+// epoch carries a commit marker and the sequence number at its end.
+func (r *Replayer) scan(e uint64, fn func(*eventlog.Record) error) (committed bool, endSeq uint64, err error) {
 	f, err := os.Open(r.stagePath(e))
 	if err != nil {
-		return eventlog.Record{}, 0, fmt.Errorf("open staging file of epoch %d: %w", e, err)
+		return false, 0, fmt.Errorf("open staging file of epoch %d: %w", e, err)
 	}
 	defer f.Close()
 	br := bufio.NewReaderSize(f, 1<<20)
 	var (
-		last   eventlog.Record
 		events uint64
 		seq    uint64
 		ended  bool
 	)
+	bad := func(why string) error {
+		return fmt.Errorf("%w: staging file of epoch %d: %s", eventlog.ErrCorrupt, e, why)
+	}
 	for {
 		rec, err := eventlog.ReadRecord(br)
 		if errors.Is(err, io.EOF) {
 			break
 		}
 		if err != nil {
-			return last, events, fmt.Errorf("staging file of epoch %d: %w", e, err)
-		}
-		bad := func(why string) error {
-			return fmt.Errorf("%w: staging file of epoch %d: %s", eventlog.ErrCorrupt, e, why)
+			return false, 0, fmt.Errorf("staging file of epoch %d: %w", e, err)
 		}
 		switch {
 		case rec.Epoch != e:
-			return last, events, bad(fmt.Sprintf("record of epoch %d", rec.Epoch))
+			return false, 0, bad(fmt.Sprintf("record of epoch %d", rec.Epoch))
+		case committed:
+			return false, 0, bad("records after the commit marker")
 		case ended && rec.Kind != eventlog.KindCommit:
-			return last, events, bad("records after the end of the epoch")
+			return false, 0, bad("records after the end of the epoch")
 		case rec.IsEvent():
 			if events > 0 && rec.Seq != seq+1 {
-				return last, events, bad(fmt.Sprintf("seq %d after %d", rec.Seq, seq))
+				return false, 0, bad(fmt.Sprintf("seq %d after %d", rec.Seq, seq))
 			}
 			seq = rec.Seq
 			events++
 			if fn != nil {
 				if err := fn(&rec); err != nil {
-					return last, events, err
+					return false, 0, err
 				}
 			}
 		case rec.Kind == eventlog.KindEpochEnd:
 			if rec.Length != events || (events > 0 && rec.Seq != seq) {
-				return last, events, bad("end marker does not match the events")
+				return false, 0, bad("end marker does not match the events")
 			}
 			ended = true
-			r.endSeq = rec.Seq
+			endSeq = rec.Seq
 		case rec.Kind == eventlog.KindCommit:
 			if !ended {
-				return last, events, bad("commit marker before the end")
+				return false, 0, bad("commit marker before the end")
 			}
+			committed = true
 		}
-		last = rec
 	}
 	if !ended {
-		return last, events, fmt.Errorf("%w: staging file of epoch %d has no end marker", ErrNotSealed, e)
+		return false, 0, fmt.Errorf("%w: staging file of epoch %d has no end marker", ErrNotSealed, e)
 	}
-	return last, events, nil
+	return committed, endSeq, nil
 }
 
 func (r *Replayer) writeState(s state) error {
@@ -487,6 +507,8 @@ func syncDir(dir string) error {
 // Discard drops every staged epoch that has not been committed (failover,
 // or a broken stream); staging restarts after the last applied epoch.
 func (r *Replayer) Discard(context.Context) error {
+	r.commitMu.Lock()
+	defer r.commitMu.Unlock()
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.reset()
@@ -497,6 +519,8 @@ func (r *Replayer) Discard(context.Context) error {
 // given epoch and sequence number; it is used before an initial sync, whose
 // stream starts wherever the primary's log is.
 func (r *Replayer) Reset(_ context.Context, epoch, seq uint64) error {
+	r.commitMu.Lock()
+	defer r.commitMu.Unlock()
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.closeCur()

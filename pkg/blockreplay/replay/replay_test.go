@@ -12,6 +12,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/ftctl/ftctl/pkg/blockreplay/backend"
 	"github.com/ftctl/ftctl/pkg/blockreplay/eventlog"
@@ -449,4 +450,58 @@ func TestStateRecordIsTheLastCommittedStagingFile(t *testing.T) {
 func (rg *rig) lastSeq() uint64 {
 	_, s := rg.log.Position()
 	return s
+}
+
+// slowFlush holds the image sync until released.
+type slowFlush struct {
+	backend.Backend
+	entered chan struct{}
+	release chan struct{}
+}
+
+func (s *slowFlush) Flush(ctx context.Context) error {
+	select {
+	case s.entered <- struct{}{}:
+	default:
+	}
+	<-s.release
+	return s.Backend.Flush(ctx)
+}
+
+// TestStagingContinuesDuringCommit: while epoch N is being applied, the
+// records of epoch N+1 are staged without waiting, so a commit does not
+// push back on the primary's guest writes.
+func TestStagingContinuesDuringCommit(t *testing.T) {
+	rg := newRig(t)
+	var sf *slowFlush
+	rg.reopen(func(b backend.Backend) backend.Backend {
+		sf = &slowFlush{Backend: b, entered: make(chan struct{}, 1), release: make(chan struct{})}
+		return sf
+	})
+	rng := rand.New(rand.NewPCG(25, 26))
+	e1 := rg.epoch(rng, 40)
+	rg.stage(rg.records())
+	committed := make(chan error, 1)
+	go func() { committed <- rg.r.Commit(rg.ctx, e1) }()
+	<-sf.entered // the commit is inside its image sync
+	e2 := rg.epoch(rng, 40)
+	staged := make(chan struct{})
+	go func() { rg.stage(rg.records()); close(staged) }()
+	select {
+	case <-staged:
+	case <-time.After(10 * time.Second):
+		t.Fatal("staging waited for the commit to finish")
+	}
+	if open, _ := rg.r.Staged(); open != e2+1 {
+		t.Errorf("open epoch %d after staging epoch %d", open, e2)
+	}
+	close(sf.release)
+	if err := <-committed; err != nil {
+		t.Fatal(err)
+	}
+	rg.expectAt(e1, "first commit")
+	if err := rg.r.Commit(rg.ctx, e2); err != nil {
+		t.Fatal(err)
+	}
+	rg.expectAt(e2, "second commit")
 }

@@ -29,12 +29,19 @@
 // dirty until the first full sync: PreCopy sends every non-zero page after
 // Begin, and only then do dirty sets describe the difference to the replica.
 //
-// Soft-dirty limits: the bits belong to the QEMU process's page tables, so
+// Soft-dirty limits: if guest RAM is backed by transparent huge pages the
+// bits are per 2 MiB and the set is a superset. The bits belong to the QEMU
+// process's page tables, so
 // writes through other mappings of the file (the agent's, a second process)
 // or write(2) to it are not seen; guest RAM must not be reclaimed or swapped
 // (a dropped page table entry loses its bit), so run QEMU with its RAM
 // locked or without swap. Reading pagemap and clearing are two steps, so
 // Dirty must run while the VM is stopped; PreCopy takes a Pause hook for it.
+//
+// Memory: the encoder keeps a Base, the version of every page the secondary
+// has (one RAM size, untouched zero pages cost nothing resident); with the
+// shadow tracker the primary thus holds two extra copies of guest RAM, with
+// soft-dirty one. The replica side holds only the staged pages of one epoch.
 //
 // # Capture and encoding
 //

@@ -566,11 +566,14 @@ func (b *Buffer) Stats() Stats {
 }
 
 // Close stops Serve, closes QEMU's connection and the listener, and drops
-// held frames (counted as discarded). It does not close the host port.
+// held frames and released frames not yet written (counted as discarded).
+// It does not close the host port.
 func (b *Buffer) Close() error {
 	b.closeOnce.Do(func() {
 		b.mu.Lock()
 		b.discardLocked()
+		// Released frames the host port has not taken yet are lost too.
+		b.st.DiscardedFrames += uint64(len(b.outq))
 		b.closed = true
 		gc := b.conn
 		b.conn = nil

@@ -245,6 +245,15 @@ func (b *Buffer) acceptLoop(ctx context.Context, wg *sync.WaitGroup) error {
 		}
 		gc := &guestConn{c: c}
 		b.mu.Lock()
+		// Serve's shutdown clears b.conn after cancelling ctx, and Close
+		// after setting closed: checking both under the lock means a
+		// connection accepted during shutdown is either seen and closed
+		// there, or refused here.
+		if ctx.Err() != nil || b.closed {
+			b.mu.Unlock()
+			c.Close()
+			return nil
+		}
 		old := b.conn
 		b.conn = gc
 		b.st.Connections++

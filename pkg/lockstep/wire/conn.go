@@ -79,8 +79,16 @@ func newStreamConn(rw io.ReadWriter, raw io.Closer) *streamConn {
 	}
 	c.dl, _ = rw.(deadliner)
 	c.enc = NewEncoder(c.bw)
-	c.dec = NewDecoder(bufio.NewReaderSize(rw, streamBuf), MaxPayload)
+	// Until the handshake is done the peer is a stranger: small frames only.
+	c.dec = NewDecoder(bufio.NewReaderSize(rw, streamBuf), handshakeMaxPayload)
 	return c
+}
+
+// establish ends the handshake: full-size frames are accepted from now on,
+// handshake frames refused.
+func (c *streamConn) establish() {
+	c.dec.SetMaxPayload(MaxPayload)
+	c.established.Store(true)
 }
 
 func (c *streamConn) Peer() string { return c.peer }

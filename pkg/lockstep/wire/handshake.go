@@ -64,7 +64,6 @@ func handshake(ctx context.Context, raw net.Conn, cr *Credentials, server bool, 
 		return nil, fmt.Errorf("%w: TLS handshake with %s: %w", ErrAuth, peerAddr, err)
 	}
 	c := newStreamConn(tc, raw)
-	c.dec.SetMaxPayload(handshakeMaxPayload)
 	var err error
 	st := tc.ConnectionState()
 	switch cr.mode {
@@ -84,8 +83,7 @@ func handshake(ctx context.Context, raw net.Conn, cr *Credentials, server bool, 
 		c.Close()
 		return nil, fmt.Errorf("wire: handshake with %s: %w", peerAddr, handshakeErr(err))
 	}
-	c.dec.SetMaxPayload(MaxPayload)
-	c.established.Store(true)
+	c.establish()
 	return c, nil
 }
 

@@ -286,7 +286,7 @@ func epochStream(t testing.TB, n uint64, payloads ...string) []byte {
 	d := newEpochDigest()
 	var fs []Frame
 	for i, p := range payloads {
-		f := Frame{Type: []Type{TypeMemory, TypeDevState, TypeBlock}[i%3], Epoch: n, Payload: []byte(p)}
+		f := Frame{Type: []Type{TypeMemory, TypeDevState, TypeManifest}[i%3], Epoch: n, Payload: []byte(p)}
 		d.add(f)
 		fs = append(fs, f)
 	}
@@ -312,7 +312,7 @@ func TestEpochReceiverRefuses(t *testing.T) {
 	swapped := cat(frameBytes(t,
 		Frame{Type: TypeMemory, Epoch: 6, Payload: []byte("pages")},
 		Frame{Type: TypeDevState, Epoch: 6, Payload: []byte("devstatf")},
-		Frame{Type: TypeBlock, Epoch: 6, Payload: []byte("blocks")},
+		Frame{Type: TypeManifest, Epoch: 6, Payload: []byte("blocks")},
 		Frame{Type: TypeMemory, Epoch: 6, Payload: []byte("more pages")}),
 		endOf(epochStream(t, 6, p...)))
 	mixed := cat(frameBytes(t, Frame{Type: TypeMemory, Epoch: 6, Payload: []byte("x")},

@@ -13,11 +13,13 @@
 // key proven by a channel-bound HMAC challenge–response (CredentialsFromPSK).
 // A Hello exchange then agrees on the protocol version.
 //
-// Frames of one checkpoint epoch are sent through an EpochSender, which
+// Frames of one checkpoint epoch (manifest, memory, device state) are sent
+// through an EpochSender, which
 // closes the epoch with an END frame carrying the frame count, byte count and
 // an xxhash64 digest of every frame of the epoch in order; an EpochReceiver
 // hands out an epoch only once it is complete and verified, so a torn epoch
-// is never applied (DESIGN.md invariant 3).
+// is never applied (DESIGN.md invariant 3). Block write events, heartbeats,
+// acks and control messages travel out of band, interleaved with epochs.
 //
 // Pipe is an in-memory Conn pair with the same semantics, for tests.
 package wire

@@ -86,8 +86,8 @@ func (s *EpochSender) Begin(n uint64) error {
 	return nil
 }
 
-// Send sends one content frame (TypeMemory, TypeDevState, TypeBlock) of the
-// open epoch. The payload may be reused once Send returns.
+// Send sends one content frame (TypeManifest, TypeMemory, TypeDevState) of
+// the open epoch. The payload may be reused once Send returns.
 func (s *EpochSender) Send(ctx context.Context, t Type, payload []byte) error {
 	if s.err != nil {
 		return s.err
@@ -168,8 +168,8 @@ func (r *EpochReceiver) ResumeAfter(last uint64) {
 func (r *EpochReceiver) Last() (n uint64, ok bool) { return r.last, r.haveLast }
 
 // Next returns either a complete verified epoch (ep != nil) or an
-// out-of-band frame (oob != nil: TypeAck, TypeHeartbeat, TypeControl), which
-// may arrive in the middle of an epoch. If ctx ends, Next returns its error
+// out-of-band frame (oob != nil: TypeBlock, TypeAck, TypeHeartbeat,
+// TypeControl), which may arrive in the middle of an epoch. If ctx ends, Next returns its error
 // and the partial epoch is kept for the next call.
 func (r *EpochReceiver) Next(ctx context.Context) (ep *Epoch, oob *Frame, err error) {
 	if r.err != nil {

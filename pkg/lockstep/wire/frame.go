@@ -44,12 +44,12 @@ const (
 	// TypeAuth carries the pre-shared-key exchange; consumed by Dial/Accept.
 	TypeAuth Type = 2
 
+	// TypeManifest describes an epoch (pkg/lockstep); it opens the epoch.
+	TypeManifest Type = 16
 	// TypeMemory carries encoded dirty pages of an epoch (pkg/memsync).
-	TypeMemory Type = 16
+	TypeMemory Type = 17
 	// TypeDevState carries the device state of an epoch.
-	TypeDevState Type = 17
-	// TypeBlock carries block write events of an epoch (pkg/blockreplay).
-	TypeBlock Type = 18
+	TypeDevState Type = 18
 	// TypeEnd closes an epoch; its payload is written by EpochSender.
 	TypeEnd Type = 19
 
@@ -59,6 +59,11 @@ const (
 	TypeHeartbeat Type = 33
 	// TypeControl carries switchover and other control messages.
 	TypeControl Type = 34
+	// TypeBlock carries block write events (pkg/blockreplay). They stream
+	// as the guest writes, not as part of an epoch: the records carry their
+	// own epoch marks and checksums, and the link's ordering puts every
+	// event sent before an epoch's END ahead of it.
+	TypeBlock Type = 35
 )
 
 // String names the type for error messages.
@@ -68,6 +73,8 @@ func (t Type) String() string {
 		return "hello"
 	case TypeAuth:
 		return "auth"
+	case TypeManifest:
+		return "manifest"
 	case TypeMemory:
 		return "memory"
 	case TypeDevState:
@@ -89,8 +96,8 @@ func (t Type) String() string {
 // Known reports whether this protocol version defines t.
 func (t Type) Known() bool {
 	switch t {
-	case TypeHello, TypeAuth, TypeMemory, TypeDevState, TypeBlock, TypeEnd,
-		TypeAck, TypeHeartbeat, TypeControl:
+	case TypeHello, TypeAuth, TypeManifest, TypeMemory, TypeDevState, TypeEnd,
+		TypeAck, TypeHeartbeat, TypeControl, TypeBlock:
 		return true
 	}
 	return false

@@ -95,8 +95,8 @@ func checkFrame(t *testing.T, got wire.Frame, typ wire.Type, epoch uint64, size,
 	}
 }
 
-var sendable = []wire.Type{wire.TypeMemory, wire.TypeDevState, wire.TypeBlock, wire.TypeEnd,
-	wire.TypeAck, wire.TypeHeartbeat, wire.TypeControl}
+var sendable = []wire.Type{wire.TypeManifest, wire.TypeMemory, wire.TypeDevState, wire.TypeEnd,
+	wire.TypeAck, wire.TypeHeartbeat, wire.TypeControl, wire.TypeBlock}
 
 var sizes = []int{0, 1, 7, 8, 4095, 4096, 65535, 65536 + 3, 360 << 10, 1 << 20, 3<<20 + 5}
 
@@ -462,13 +462,12 @@ func testEpochs(t *testing.T, newPair NewPair) {
 		size int
 	}
 	epochContent := func(n uint64) []content {
-		var c []content
+		c := []content{{wire.TypeManifest, 40}}
 		for k := range int(n % 4) {
 			c = append(c, content{wire.TypeMemory, (k + 1) * 70000})
 		}
-		c = append(c, content{wire.TypeDevState, 366 << 10})
-		for k := range int(n % 3) {
-			c = append(c, content{wire.TypeBlock, k * 4096})
+		if n%3 != 0 {
+			c = append(c, content{wire.TypeDevState, 366 << 10})
 		}
 		return c
 	}
@@ -507,9 +506,11 @@ func testEpochs(t *testing.T, newPair NewPair) {
 				}
 				if i == 0 {
 					// Out-of-band frames may interleave with an epoch.
-					if err := a.Send(ctx, wire.Frame{Type: wire.TypeHeartbeat, Epoch: n}); err != nil {
-						sendErr <- err
-						return
+					for _, t := range []wire.Type{wire.TypeHeartbeat, wire.TypeBlock} {
+						if err := a.Send(ctx, wire.Frame{Type: t, Epoch: n, Payload: pattern(int(n), int(n))}); err != nil {
+							sendErr <- err
+							return
+						}
 					}
 				}
 			}
@@ -521,17 +522,16 @@ func testEpochs(t *testing.T, newPair NewPair) {
 		sendErr <- nil
 	}()
 	er := wire.NewEpochReceiver(b)
-	heartbeats := 0
+	oobs := 0
 	for n := uint64(first); n < first+count; {
 		ep, oob, err := er.Next(ctx)
 		if err != nil {
 			t.Fatalf("epoch %d: %v", n, err)
 		}
 		if oob != nil {
-			if oob.Type != wire.TypeHeartbeat || oob.Epoch != n {
-				t.Fatalf("out-of-band frame %s epoch %d, want heartbeat of %d", oob.Type, oob.Epoch, n)
-			}
-			heartbeats++
+			want := []wire.Type{wire.TypeHeartbeat, wire.TypeBlock}[oobs%2]
+			checkFrame(t, *oob, want, n, int(n), int(n))
+			oobs++
 			continue
 		}
 		if ep.N != n {
@@ -549,8 +549,8 @@ func testEpochs(t *testing.T, newPair NewPair) {
 		}
 		n++
 	}
-	if heartbeats != count {
-		t.Fatalf("got %d heartbeats, want %d", heartbeats, count)
+	if oobs != 2*count {
+		t.Fatalf("got %d out-of-band frames, want %d", oobs, 2*count)
 	}
 	if last, ok := er.Last(); !ok || last != first+count-1 {
 		t.Fatalf("Last() = %d, %v; want %d", last, ok, first+count-1)

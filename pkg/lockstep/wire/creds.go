@@ -46,7 +46,8 @@ const (
 // Credentials authenticate this agent to its peer and the peer to it:
 // either a certificate issued by the pair's CA (mutual TLS), or a
 // pre-shared key. Build them with CredentialsFromPEM, CredentialsFromFiles
-// or CredentialsFromPSK.
+// or CredentialsFromPSK, and set the exported fields before first use; one
+// Credentials may serve any number of Listen and Dial calls.
 type Credentials struct {
 	// ServerName is the name Dial requires in the listener's certificate
 	// (mutual TLS only). Empty means the host part of the dialed address.
@@ -333,7 +334,7 @@ func (ca *CA) CertPEM() []byte {
 }
 
 // KeyPEM returns the CA's private key in PKCS#8 PEM form.
-func (ca *CA) KeyPEM() ([]byte, error) { return keyPEM(ca.key) }
+func (ca *CA) KeyPEM() ([]byte, error) { return encodeKeyPEM(ca.key) }
 
 // Save writes the CA certificate and key (the key readable only by its
 // owner).
@@ -372,7 +373,7 @@ func (ca *CA) Issue(name string, hosts []string) (certPEM, keyPEM []byte, err er
 }
 
 // IssueCert is Issue with every field under control.
-func (ca *CA) IssueCert(r CertRequest) (certPEM, keyPEMBytes []byte, err error) {
+func (ca *CA) IssueCert(r CertRequest) (certPEM, keyPEM []byte, err error) {
 	if err := checkName(r.Name); err != nil {
 		return nil, nil, err
 	}
@@ -418,14 +419,14 @@ func (ca *CA) IssueCert(r CertRequest) (certPEM, keyPEMBytes []byte, err error) 
 	if err != nil {
 		return nil, nil, fmt.Errorf("wire: issue certificate for %q: %w", r.Name, err)
 	}
-	kp, err := keyPEM(key)
+	kp, err := encodeKeyPEM(key)
 	if err != nil {
 		return nil, nil, err
 	}
 	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), kp, nil
 }
 
-func keyPEM(k crypto.Signer) ([]byte, error) {
+func encodeKeyPEM(k crypto.Signer) ([]byte, error) {
 	der, err := x509.MarshalPKCS8PrivateKey(k)
 	if err != nil {
 		return nil, fmt.Errorf("wire: encode key: %w", err)

@@ -9,7 +9,8 @@ import (
 // Pipe returns the two ends of an in-memory link. Each direction holds at
 // most bufFrames frames in flight (at least 1); Send blocks beyond that, so a
 // reader that stops reading stops the writer, as on TCP. Payloads are copied
-// on Send. Close of either end closes the link for both; frames already in
+// on Send. The bound counts frames, not bytes: size it to the frames in use.
+// Close of either end closes the link for both; frames already in
 // flight are still delivered to the other end, as on TCP.
 func Pipe(bufFrames int) (Conn, Conn) {
 	if bufFrames < 1 {

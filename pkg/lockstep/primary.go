@@ -69,10 +69,10 @@ type EpochStats struct {
 	// Pause is stop issued .. cont returned; the parts below add up to it
 	// (Hold is time spent paused waiting for the secondary).
 	Pause, Stop, Dirty, Capture, DevState, Mark, Hold, Cont time.Duration
-	Encode                                                   time.Duration // after cont
-	DirtyPages                                               int
-	MemBytes, DevStateBytes                                  int
-	HeldFrames                                               int
+	Encode                                                  time.Duration // after cont
+	DirtyPages                                              int
+	MemBytes, DevStateBytes                                 int
+	HeldFrames                                              int
 }
 
 // Stats is a snapshot of a coordinator's progress.

@@ -56,6 +56,10 @@ type Secondary struct {
 	mu        sync.Mutex
 	committed Committed
 	sendMu    sync.Mutex
+
+	// crashAfterRAMCommit, set by tests only, stops a commit right after
+	// its commit point, the way a crash there would.
+	crashAfterRAMCommit func() error
 }
 
 // OpenSecondary opens the receiver's state and finishes a commit that a
@@ -319,6 +323,11 @@ func (s *Secondary) commit(ctx context.Context, ep *wire.Epoch) (err error) {
 	// atomically; everything after it is redone by OpenSecondary.
 	if err := s.cfg.Replica.Commit(ctx, m.Epoch); err != nil {
 		return fmt.Errorf("lockstep: commit RAM of epoch %d: %w", m.Epoch, err)
+	}
+	if s.crashAfterRAMCommit != nil {
+		if err := s.crashAfterRAMCommit(); err != nil {
+			return err
+		}
 	}
 	if m.BlockEpoch != 0 {
 		if err := s.cfg.Replayer.Commit(ctx, m.BlockEpoch); err != nil {

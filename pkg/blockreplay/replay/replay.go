@@ -87,8 +87,10 @@ type Replayer struct {
 }
 
 // Open loads the state in dir (created if missing) and finishes any commit
-// that a crash interrupted. Staged epochs that were not committed are
-// dropped.
+// that a crash interrupted. Sealed epochs that were staged but not yet
+// committed are kept, so a commit decided elsewhere before the crash (the
+// lockstep commit point is the replica RAM) can still be carried out; a
+// partly staged epoch is dropped.
 func Open(ctx context.Context, img backend.Backend, dir string, log *slog.Logger) (*Replayer, error) {
 	if log == nil {
 		log = slog.Default()
@@ -111,6 +113,9 @@ func Open(ctx context.Context, img backend.Backend, dir string, log *slog.Logger
 		return nil, err
 	}
 	r.reset()
+	if err := r.restoreSealed(); err != nil {
+		return nil, err
+	}
 	return r, nil
 }
 
@@ -138,7 +143,7 @@ func (r *Replayer) stagedEpochs() ([]uint64, error) {
 
 // recover redoes the committed epochs whose staging files are still there
 // (the newest is kept as the state record; an older one survives only if a
-// crash came before its deletion) and removes uncommitted ones.
+// crash came before its deletion).
 func (r *Replayer) recover(ctx context.Context) error {
 	es, err := r.stagedEpochs()
 	if err != nil {
@@ -160,7 +165,39 @@ func (r *Replayer) recover(ctx context.Context) error {
 			return err
 		}
 	}
-	return r.removeUncommitted()
+	return nil
+}
+
+// restoreSealed takes back the sealed, uncommitted epochs that follow the
+// applied one without a gap and removes every other staging file (a partly
+// staged epoch, leftovers). It runs after recover and reset.
+func (r *Replayer) restoreSealed() error {
+	es, err := r.stagedEpochs()
+	if err != nil {
+		return err
+	}
+	for _, e := range es {
+		if e != r.open {
+			continue
+		}
+		committed, endSeq, err := r.scan(e, nil)
+		if err != nil || committed || endSeq < r.lastSeq {
+			break
+		}
+		r.sealed = append(r.sealed, e)
+		r.open, r.lastSeq = e+1, endSeq
+	}
+	for _, e := range es {
+		if e != r.applied.Epoch && !slices.Contains(r.sealed, e) {
+			if err := os.Remove(r.stagePath(e)); err != nil && !errors.Is(err, os.ErrNotExist) {
+				return fmt.Errorf("remove staging file: %w", err)
+			}
+		}
+	}
+	if len(r.sealed) > 0 {
+		r.log.Info("replay: kept sealed epochs staged before a restart", "from", r.sealed[0], "to", r.sealed[len(r.sealed)-1])
+	}
+	return nil
 }
 
 // removeUncommitted deletes the staging files of epochs after the applied

@@ -505,3 +505,37 @@ func TestStagingContinuesDuringCommit(t *testing.T) {
 	}
 	rg.expectAt(e2, "second commit")
 }
+
+// TestSealedEpochsSurviveRestart: epochs sealed but not committed before a
+// restart are kept, so a commit the lockstep layer decided before the crash
+// (its commit point is the replica RAM) can be finished afterwards; a partly
+// staged epoch after them is dropped.
+func TestSealedEpochsSurviveRestart(t *testing.T) {
+	rg := newRig(t)
+	rng := rand.New(rand.NewPCG(21, 22))
+	e1 := rg.epoch(rng, 30)
+	e2 := rg.epoch(rng, 30)
+	rg.stage(rg.records())
+	rg.epoch(rng, 30)
+	partial := rg.records()
+	rg.stage(partial[:len(partial)/2])
+	rg.reopen(nil)
+	rg.expectAt(0, "restart with two sealed epochs staged")
+	if open, _ := rg.r.Staged(); open != e2+1 {
+		t.Fatalf("after restart staging resumes at epoch %d, want %d", open, e2+1)
+	}
+	if err := rg.r.Commit(rg.ctx, e1); err != nil {
+		t.Fatal(err)
+	}
+	rg.expectAt(e1, "commit of a sealed epoch after restart")
+	if err := rg.r.Commit(rg.ctx, e2); err != nil {
+		t.Fatal(err)
+	}
+	rg.expectAt(e2, "commit of the second sealed epoch")
+	// The half-staged epoch was dropped: staging it again from the start works.
+	rg.stage(partial)
+	if err := rg.r.Commit(rg.ctx, e2+1); err != nil {
+		t.Fatal(err)
+	}
+	rg.expectAt(e2+1, "re-staged epoch")
+}

@@ -76,6 +76,53 @@ func pipeLink(t *testing.T) (wire.Conn, wire.Conn) {
 	return a, b
 }
 
+// tlsLink is a real link: TCP on loopback with mutual TLS, credentials
+// issued by a fresh pair CA, as `ftctl cert` makes them.
+func tlsLink(t *testing.T) (wire.Conn, wire.Conn) {
+	t.Helper()
+	ctx := context.Background()
+	ca, err := wire.NewCA("test-pair")
+	if err != nil {
+		t.Fatal(err)
+	}
+	creds := func(name string) *wire.Credentials {
+		cert, key, err := ca.Issue(name, []string{"127.0.0.1", "localhost"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, err := wire.CredentialsFromPEM(ca.CertPEM(), cert, key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	ln, err := wire.Listen(ctx, "127.0.0.1:0", creds("host-b"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	accepted := make(chan wire.Conn, 1)
+	go func() {
+		c, err := ln.Accept(ctx)
+		if err != nil {
+			t.Error(err)
+		}
+		accepted <- c
+	}()
+	a, err := wire.Dial(ctx, ln.Addr().String(), creds("host-a"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := <-accepted
+	if b == nil {
+		t.FailNow()
+	}
+	if b.Peer() != "host-a" || a.Peer() != "host-b" {
+		t.Fatalf("peers authenticated as %q and %q", b.Peer(), a.Peer())
+	}
+	return a, b
+}
+
 func newPair(t *testing.T, ctx context.Context, link linkFunc, cfg func(*lockstep.PrimaryConfig)) *pair {
 	t.Helper()
 	img := testenv.Guest(t)
@@ -230,10 +277,10 @@ func fileEqual(t *testing.T, a, b string) (bool, string) {
 // the replica RAM equals the primary RAM and the replica disk equals the
 // primary disk, byte for byte. Then a planned switchover hands the guest
 // to a standby over the replica, which goes on from exactly where the
-// primary stopped.
+// primary stopped. The link is real: TCP on loopback with mutual TLS.
 func TestReplicaEqualsPrimaryAtCommittedEpochs(t *testing.T) {
 	ctx := testenv.Deadline(t, 4*time.Minute)
-	p := newPair(t, ctx, pipeLink, nil)
+	p := newPair(t, ctx, tlsLink, nil)
 	p.waitResumable(ctx)
 	for i := 0; i < 3; i++ {
 		time.Sleep(400 * time.Millisecond)

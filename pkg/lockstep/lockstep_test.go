@@ -123,8 +123,25 @@ func tlsLink(t *testing.T) (wire.Conn, wire.Conn) {
 	return a, b
 }
 
-func newPair(t *testing.T, ctx context.Context, link linkFunc, cfg func(*lockstep.PrimaryConfig)) *pair {
+// pairOptions shape a pair; zero values give the defaults.
+type pairOptions struct {
+	link     linkFunc                      // default pipeLink
+	workload string                        // ftguest.* words; default counter and disk
+	memMiB   int                           // default memMiB
+	primary  func(*lockstep.PrimaryConfig) // adjusts the coordinator's config
+}
+
+func newPair(t *testing.T, ctx context.Context, o pairOptions) *pair {
 	t.Helper()
+	if o.link == nil {
+		o.link = pipeLink
+	}
+	if o.workload == "" {
+		o.workload = "ftguest.run=counter,disk ftguest.interval=50ms ftguest.diskinterval=30ms"
+	}
+	if o.memMiB == 0 {
+		o.memMiB = memMiB
+	}
 	img := testenv.Guest(t)
 	p := &pair{t: t, dir: t.TempDir(), primErr: make(chan error, 1), secErr: make(chan error, 1)}
 	p.primDisk = filepath.Join(p.dir, "primary.raw")
@@ -156,8 +173,8 @@ func newPair(t *testing.T, ctx context.Context, link linkFunc, cfg func(*lockste
 	t.Cleanup(func() { scancel(); <-served; ex.Close() })
 
 	p.spec = vm.Spec{
-		Name: "ls", MemoryMiB: memMiB, Kernel: img.Kernel, Initrd: img.Initrd,
-		Cmdline: img.Cmdline + " ftguest.run=counter,disk ftguest.interval=50ms ftguest.diskinterval=30ms",
+		Name: "ls", MemoryMiB: o.memMiB, Kernel: img.Kernel, Initrd: img.Initrd,
+		Cmdline: img.Cmdline + " " + o.workload,
 		Disks:   []vm.Disk{{NBD: &vm.NBD{Socket: sock, Export: "vda"}}},
 		Accel:   vm.AccelTCG,
 	}
@@ -166,7 +183,7 @@ func newPair(t *testing.T, ctx context.Context, link linkFunc, cfg func(*lockste
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { p.primary.Close() })
-	if err := p.primary.WaitSerial(ctx, func(b []byte) bool { return lastDiskSeq(b) >= 2 }); err != nil {
+	if err := p.primary.WaitSerial(ctx, func(b []byte) bool { return bytes.Contains(b, []byte("ftguest ready")) }); err != nil {
 		t.Fatal(err)
 	}
 	p.region, err = memsync.OpenRegion(p.primary.RAMFile(), false)
@@ -181,7 +198,7 @@ func newPair(t *testing.T, ctx context.Context, link linkFunc, cfg func(*lockste
 	t.Cleanup(func() { tracker.Close() })
 
 	// Secondary side.
-	p.replica, err = memsync.OpenReplica(filepath.Join(p.dir, "replica.ram"), int64(memMiB)<<20)
+	p.replica, err = memsync.OpenReplica(filepath.Join(p.dir, "replica.ram"), int64(o.memMiB)<<20)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -202,7 +219,7 @@ func newPair(t *testing.T, ctx context.Context, link linkFunc, cfg func(*lockste
 		t.Fatal(err)
 	}
 
-	pc, sc := link(t)
+	pc, sc := o.link(t)
 	pcfg := lockstep.PrimaryConfig{
 		QMP: p.primary.QMP(), RAM: p.region, Tracker: tracker,
 		Block: ex.Log, BlockEvents: events,
@@ -213,8 +230,8 @@ func newPair(t *testing.T, ctx context.Context, link linkFunc, cfg func(*lockste
 		Policy: lockstep.Policy{MaxInterval: 100 * time.Millisecond},
 		Logger: quiet,
 	}
-	if cfg != nil {
-		cfg(&pcfg)
+	if o.primary != nil {
+		o.primary(&pcfg)
 	}
 	p.prim, err = lockstep.NewPrimary(pcfg)
 	if err != nil {
@@ -280,7 +297,7 @@ func fileEqual(t *testing.T, a, b string) (bool, string) {
 // primary stopped. The link is real: TCP on loopback with mutual TLS.
 func TestReplicaEqualsPrimaryAtCommittedEpochs(t *testing.T) {
 	ctx := testenv.Deadline(t, 4*time.Minute)
-	p := newPair(t, ctx, tlsLink, nil)
+	p := newPair(t, ctx, pairOptions{link: tlsLink})
 	p.waitResumable(ctx)
 	for i := 0; i < 3; i++ {
 		time.Sleep(400 * time.Millisecond)
@@ -385,11 +402,11 @@ func (c *cutLink) Send(ctx context.Context, f wire.Frame) error {
 func TestTornEpochLeavesPreviousEpochWhole(t *testing.T) {
 	ctx := testenv.Deadline(t, 4*time.Minute)
 	var cl *cutLink
-	p := newPair(t, ctx, func(t *testing.T) (wire.Conn, wire.Conn) {
+	p := newPair(t, ctx, pairOptions{link: func(t *testing.T) (wire.Conn, wire.Conn) {
 		a, b := wire.Pipe(64)
 		cl = &cutLink{Conn: a}
 		return cl, b
-	}, nil)
+	}})
 	p.waitResumable(ctx)
 	time.Sleep(300 * time.Millisecond)
 	n, resume, err := p.prim.Pause(ctx)

@@ -19,18 +19,25 @@ type config struct {
 	listen       string
 	duration     time.Duration
 	exit         int
+
+	memMiB     int
+	dirtyRate  dirtyRate
+	dirtyBytes int
+	memReport  time.Duration
+	cpuKiB     int
+	cpuRounds  int
 }
 
 // initKeys are ftguest.* keys consumed by the initramfs /init, not by us.
 var initKeys = map[string]bool{"ip": true, "gw": true}
 
-var knownWorkloads = []string{"counter", "disk", "tcp"}
+var knownWorkloads = []string{"counter", "disk", "tcp", "mem", "cpu"}
 
 // parseConfig reads ftguest.KEY=VALUE words from the kernel command line,
 // then args as flags named KEY, which take precedence.
 func parseConfig(args []string, cmdline string) (config, []string, error) {
 	var cfg config
-	var runList string
+	var runList, rate string
 	fs := flag.NewFlagSet("ftguest", flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
 	fs.StringVar(&runList, "run", "counter", "comma-separated workloads: "+strings.Join(knownWorkloads, ","))
@@ -42,6 +49,12 @@ func parseConfig(args []string, cmdline string) (config, []string, error) {
 	fs.StringVar(&cfg.listen, "listen", "", "listen address of the tcp workload (default :PORT)")
 	fs.DurationVar(&cfg.duration, "duration", 0, "stop after this long (0: run until killed)")
 	fs.IntVar(&cfg.exit, "exit", 0, "exit code after a clean stop")
+	fs.IntVar(&cfg.memMiB, "memmib", 64, "size of the mem workload's buffer in MiB")
+	fs.StringVar(&rate, "dirtyrate", "1000", "pages the mem workload dirties per second, or a percentage of its buffer per second (5%)")
+	fs.IntVar(&cfg.dirtyBytes, "dirtybytes", pageSize, "random bytes the mem workload writes into each page it dirties (8..4096)")
+	fs.DurationVar(&cfg.memReport, "memreport", time.Second, "how often the mem workload reports its progress")
+	fs.IntVar(&cfg.cpuKiB, "cpukib", 1024, "KiB the cpu workload hashes per round")
+	fs.IntVar(&cfg.cpuRounds, "cpurounds", 0, "rounds of the cpu workload (0: until stopped)")
 	if err := fs.Parse(args); err != nil {
 		return cfg, nil, fmt.Errorf("bad flags: %w", err)
 	}
@@ -89,7 +102,7 @@ func parseConfig(args []string, cmdline string) (config, []string, error) {
 	if len(cfg.run) == 0 {
 		return cfg, warnings, errors.New("run= names no workload")
 	}
-	for name, d := range map[string]time.Duration{"interval": cfg.interval, "diskinterval": cfg.diskInterval} {
+	for name, d := range map[string]time.Duration{"interval": cfg.interval, "diskinterval": cfg.diskInterval, "memreport": cfg.memReport} {
 		if d <= 0 {
 			return cfg, warnings, fmt.Errorf("%s must be positive, got %v", name, d)
 		}
@@ -99,6 +112,24 @@ func parseConfig(args []string, cmdline string) (config, []string, error) {
 	}
 	if cfg.port < 0 || cfg.port > 65535 {
 		return cfg, warnings, fmt.Errorf("port %d out of range", cfg.port)
+	}
+	var err error
+	if cfg.dirtyRate, err = parseDirtyRate(rate); err != nil {
+		return cfg, warnings, err
+	}
+	// The buffer is allocated in one piece inside a guest of a few hundred
+	// MiB; a bound keeps a typo from becoming an out-of-memory kill.
+	if cfg.memMiB < 1 || cfg.memMiB > 4096 {
+		return cfg, warnings, fmt.Errorf("memmib must be between 1 and 4096, got %d", cfg.memMiB)
+	}
+	if cfg.dirtyBytes < 8 || cfg.dirtyBytes > pageSize {
+		return cfg, warnings, fmt.Errorf("dirtybytes must be between 8 and %d, got %d", pageSize, cfg.dirtyBytes)
+	}
+	if cfg.cpuKiB < 1 || cfg.cpuKiB > 1<<20 {
+		return cfg, warnings, fmt.Errorf("cpukib must be between 1 and %d, got %d", 1<<20, cfg.cpuKiB)
+	}
+	if cfg.cpuRounds < 0 {
+		return cfg, warnings, fmt.Errorf("cpurounds must not be negative, got %d", cfg.cpuRounds)
 	}
 	if cfg.listen == "" {
 		cfg.listen = fmt.Sprintf(":%d", cfg.port)
@@ -116,6 +147,10 @@ func (cfg config) workloads(con *console) []workload {
 			ws = append(ws, &diskWriter{con: con, path: cfg.disk, interval: cfg.diskInterval, wait: cfg.diskWait})
 		case "tcp":
 			ws = append(ws, &tcpServer{con: con, addr: cfg.listen})
+		case "mem":
+			ws = append(ws, &memDirtier{con: con, mib: cfg.memMiB, rate: cfg.dirtyRate, bytesPerPage: cfg.dirtyBytes, report: cfg.memReport})
+		case "cpu":
+			ws = append(ws, &cpuBurner{con: con, kib: cfg.cpuKiB, rounds: cfg.cpuRounds})
 		}
 	}
 	return ws

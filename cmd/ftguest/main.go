@@ -9,7 +9,12 @@
 //     device, one durable 4 KiB write per interval, printing
 //     "ftguest disk seq=N" after each;
 //   - tcp: answers each line a client sends with "seq=N <line>", N counting
-//     requests across all connections.
+//     requests across all connections;
+//   - mem: dirties memory at a known rate (ftguest.memmib, ftguest.dirtyrate,
+//     ftguest.dirtybytes), for checkpoint benchmarks;
+//   - cpu: a fixed CPU-bound loop (SHA-256 rounds over ftguest.cpukib KiB)
+//     printing "ftguest cpu round=N ms=T" per round, to compare guest
+//     speed with and without protection.
 //
 // Settings come from ftguest.* keys on the kernel command line (for example
 // ftguest.run=counter,disk,tcp ftguest.interval=50ms); flags of the same

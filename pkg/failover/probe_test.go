@@ -225,7 +225,10 @@ func TestProbeConfigErrors(t *testing.T) {
 		err  error
 	}{
 		{"tcp no addr", func() error { _, err := NewTCPProbe(TCPProbeConfig{Ports: []uint16{1}}); return err }()},
-		{"tcp no ports", func() error { _, err := NewTCPProbe(TCPProbeConfig{Addr: netip.MustParseAddr("127.0.0.1")}); return err }()},
+		{"tcp no ports", func() error {
+			_, err := NewTCPProbe(TCPProbeConfig{Addr: netip.MustParseAddr("127.0.0.1")})
+			return err
+		}()},
 		{"icmp v6", func() error { _, err := NewICMPProbe(ICMPProbeConfig{Addr: netip.MustParseAddr("::1")}); return err }()},
 		{"arp no iface", func() error { _, err := NewARPProbe(ARPProbeConfig{Addr: netip.MustParseAddr("10.0.0.1")}); return err }()},
 		{"arp bad mac", func() error {

@@ -64,7 +64,7 @@ func (b *Bed) AddFakeVM(ctx context.Context, i int, on *Host) (*FakeVM, error) {
 	b.netns = append(b.netns, v.NSName)
 	if err := v.wire(on); err != nil {
 		// removeNetns deletes the veth, whose peer may be in on already.
-		if rerr := removeNetns(v.NSName); rerr == nil {
+		if rerr := removeNetns(v.NSName, true); rerr == nil {
 			b.netns = slices.DeleteFunc(b.netns, func(n string) bool { return n == v.NSName })
 		}
 		return nil, fmt.Errorf("fake VM %d: %w", i, err)
@@ -87,7 +87,7 @@ func (v *FakeVM) wire(on *Host) error {
 	}
 	defer hostNS.Close()
 	veth := &netlink.Veth{
-		LinkAttrs:     netlink.LinkAttrs{Name: fakeVMIf, HardwareAddr: v.MAC},
+		LinkAttrs:     netlink.LinkAttrs{Name: fakeVMIf, HardwareAddr: v.MAC, Group: linkGroup},
 		PeerName:      fakeVMPort(v.Index),
 		PeerNamespace: netlink.NsFd(hostNS),
 	}

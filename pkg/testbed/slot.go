@@ -161,7 +161,7 @@ func removeSlotNetns(prefix string, slot int) ([]string, error) {
 	var removed []string
 	var errs []error
 	for _, n := range names {
-		if err := removeNetns(n); err != nil {
+		if err := removeNetns(n, true); err != nil {
 			errs = append(errs, err)
 			continue
 		}

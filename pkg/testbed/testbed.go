@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"net/netip"
 	"os"
@@ -232,7 +233,7 @@ func (b *Bed) buildSwitch() error {
 	defer sw.Close()
 	off := false
 	for _, n := range []Net{NetLAN, NetRepl, NetMgmt} {
-		br := &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: string(n)}, MulticastSnooping: &off}
+		br := &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: string(n), Group: linkGroup}, MulticastSnooping: &off}
 		if err := sw.LinkAdd(br); err != nil {
 			return fmt.Errorf("add bridge %s: %w", n, err)
 		}
@@ -268,7 +269,7 @@ func (b *Bed) wire(h *Host) error {
 	var vmBridge netlink.Link
 	if h.Bridge != "" {
 		i := slices.Index(b.Hosts, h)
-		vmBridge = &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: h.Bridge, HardwareAddr: bridgeMAC(b.Slot, i)}}
+		vmBridge = &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: h.Bridge, HardwareAddr: bridgeMAC(b.Slot, i), Group: linkGroup}}
 		if err := hh.LinkAdd(vmBridge); err != nil {
 			return fmt.Errorf("add %s in %s: %w", h.Bridge, h.NSName, err)
 		}
@@ -279,7 +280,7 @@ func (b *Bed) wire(h *Host) error {
 	for _, n := range h.nets {
 		port := portName(h, n)
 		v := &netlink.Veth{
-			LinkAttrs:     netlink.LinkAttrs{Name: port},
+			LinkAttrs:     netlink.LinkAttrs{Name: port, Group: linkGroup},
 			PeerName:      hostIfName[n],
 			PeerNamespace: netlink.NsFd(hostNS),
 		}
@@ -292,6 +293,9 @@ func (b *Bed) wire(h *Host) error {
 		l, err := hh.LinkByName(hostIfName[n])
 		if err != nil {
 			return fmt.Errorf("find %s in %s: %w", hostIfName[n], h.NSName, err)
+		}
+		if err := hh.LinkSetGroup(l, linkGroup); err != nil {
+			return fmt.Errorf("group of %s in %s: %w", l.Attrs().Name, h.NSName, err)
 		}
 		addrLink, addr, bits := l, netip.Addr{}, 0
 		switch n {
@@ -339,23 +343,32 @@ func setPort(sw *netlink.Handle, port, bridge string) error {
 
 // Close removes every namespace and link of the bed, fake VMs' included,
 // and its lock file. It does not stop processes started in the bed: stop
-// them first, or their namespaces live on (with only a loopback) until
-// they exit. Calling Close again retries whatever failed before, and is a
-// no-op once everything is gone.
+// them first, or their namespaces live on until they exit, cut off from
+// everything (every veth is gone). Calling Close again retries whatever
+// failed before, and is a no-op once everything is gone.
 func (b *Bed) Close() error {
 	b.closed.Store(true)
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	var errs []error
-	var left []string
-	// Newest first: fake VMs, then the client and hosts, the switch last.
-	for i := len(b.netns) - 1; i >= 0; i-- {
-		if err := removeNetns(b.netns[i]); err != nil {
-			errs = append(errs, err)
-			left = append(left, b.netns[i])
+	// Every veth has one end in the switch or in a fake VM: deleting those
+	// ends (one batch per namespace) cuts every namespace off from every
+	// other, even one a lingering socket keeps alive. The kernel removes
+	// the rest (bridges, loopbacks) with the namespaces, in the background.
+	for _, n := range b.netns {
+		if n == b.LAN.NSName || b.isFakeVMNetns(n) {
+			if err := deleteGroup(netnsPath(n)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+				errs = append(errs, err)
+			}
 		}
 	}
-	slices.Reverse(left)
+	var left []string
+	for _, n := range b.netns {
+		if err := removeNetns(n, false); err != nil {
+			errs = append(errs, err)
+			left = append(left, n)
+		}
+	}
 	b.netns = left
 	if len(left) == 0 && b.lock != nil {
 		if err := b.lock.release(); err != nil {
@@ -368,6 +381,15 @@ func (b *Bed) Close() error {
 	}
 	b.log.Debug("bed removed")
 	return nil
+}
+
+func (b *Bed) isFakeVMNetns(name string) bool {
+	for _, v := range b.vms {
+		if v.NSName == name {
+			return true
+		}
+	}
+	return false
 }
 
 func (b *Bed) checkOpen() error {

@@ -129,6 +129,14 @@ type pairOptions struct {
 	workload string                        // ftguest.* words; default counter and disk
 	memMiB   int                           // default memMiB
 	primary  func(*lockstep.PrimaryConfig) // adjusts the coordinator's config
+
+	nics      []vm.NIC                        // the primary's NICs; default none
+	secondary func(*lockstep.SecondaryConfig) // adjusts the receiver's config
+	tracker   memsync.Kind                    // default: probe (soft-dirty if it works, else shadow)
+	// unprotected boots the primary (same spec, same disk export) and
+	// stops there: no tracker, replica or coordinator. A baseline for
+	// benchmarks; p.prim and p.sec stay nil.
+	unprotected bool
 }
 
 func newPair(t *testing.T, ctx context.Context, o pairOptions) *pair {
@@ -176,6 +184,7 @@ func newPair(t *testing.T, ctx context.Context, o pairOptions) *pair {
 		Name: "ls", MemoryMiB: o.memMiB, Kernel: img.Kernel, Initrd: img.Initrd,
 		Cmdline: img.Cmdline + " " + o.workload,
 		Disks:   []vm.Disk{{NBD: &vm.NBD{Socket: sock, Export: "vda"}}},
+		NICs:    o.nics,
 		Accel:   vm.AccelTCG,
 	}
 	p.primary, err = vm.Start(ctx, p.spec, vm.Options{})
@@ -186,12 +195,15 @@ func newPair(t *testing.T, ctx context.Context, o pairOptions) *pair {
 	if err := p.primary.WaitSerial(ctx, func(b []byte) bool { return bytes.Contains(b, []byte("ftguest ready")) }); err != nil {
 		t.Fatal(err)
 	}
+	if o.unprotected {
+		return p
+	}
 	p.region, err = memsync.OpenRegion(p.primary.RAMFile(), false)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { p.region.Close() })
-	tracker, err := memsync.New(ctx, memsync.Config{PID: p.primary.PID(), Region: p.region})
+	tracker, err := memsync.New(ctx, memsync.Config{Kind: o.tracker, PID: p.primary.PID(), Region: p.region})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -212,9 +224,13 @@ func newPair(t *testing.T, ctx context.Context, o pairOptions) *pair {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p.sec, err = lockstep.OpenSecondary(ctx, lockstep.SecondaryConfig{
+	scfg := lockstep.SecondaryConfig{
 		Replica: p.replica, Replayer: p.replayer, StateDir: filepath.Join(p.dir, "state"), Logger: quiet,
-	})
+	}
+	if o.secondary != nil {
+		o.secondary(&scfg)
+	}
+	p.sec, err = lockstep.OpenSecondary(ctx, scfg)
 	if err != nil {
 		t.Fatal(err)
 	}

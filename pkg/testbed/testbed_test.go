@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -322,9 +323,13 @@ func TestCloseRemovesEverything(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := b.AddFakeVM(context.Background(), 0, b.Hosts[2]); err != nil {
+	vm, err := b.AddFakeVM(context.Background(), 0, b.Hosts[2])
+	if err != nil {
 		t.Fatal(err)
 	}
+	svc := serve(t, vm.Host, vm.LANAddr)
+	mustReach(t, b.Client, svc, "vm0")
+	mustReach(t, b.Hosts[2], svc, "vm0")
 	during := snapshot(t, prefix)
 	wantNS := []string{b.Hosts[0].NSName, b.Hosts[1].NSName, b.Hosts[2].NSName, b.Client.NSName, b.LAN.NSName, nsName(prefix, b.Slot, "vm0")}
 	for _, n := range wantNS {
@@ -548,4 +553,43 @@ func TestStaleSlotIsReclaimed(t *testing.T) {
 	}
 	os.Remove(lockPath(prefix, old.Slot)) // the dead bed's file, unlocked
 	mustLeaveNothing(t, before, prefix)
+}
+
+func TestAttachTap(t *testing.T) {
+	b := newBed(t, Options{})
+	if _, err := os.Stat("/dev/net/tun"); err != nil {
+		t.Skip("needs /dev/net/tun:", err)
+	}
+	// A persistent tap, as a VM launcher would make for QEMU.
+	err := b.A.Do(func() error {
+		return netlink.LinkAdd(&netlink.Tuntap{LinkAttrs: netlink.LinkAttrs{Name: "tap7"}, Mode: netlink.TUNTAP_MODE_TAP})
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := b.A.Attach("tap7"); err != nil {
+		t.Fatal(err)
+	}
+	nh, err := handleAt(b.A.NetNS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nh.Close()
+	tap, err := nh.LinkByName("tap7")
+	if err != nil {
+		t.Fatal(err)
+	}
+	br, err := nh.LinkByName(BridgeName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tap.Attrs().MasterIndex != br.Attrs().Index || tap.Attrs().Flags&net.FlagUp == 0 {
+		t.Errorf("tap7: master %d (want %s, %d), flags %v", tap.Attrs().MasterIndex, BridgeName, br.Attrs().Index, tap.Attrs().Flags)
+	}
+	if err := b.A.Attach("nosuch0"); err == nil || !strings.Contains(err.Error(), "nosuch0") {
+		t.Errorf("Attach of a missing interface: %v", err)
+	}
+	if err := b.Client.Attach("lan0"); !errors.Is(err, ErrNoLink) {
+		t.Errorf("Attach on the client: %v, want ErrNoLink", err)
+	}
 }

@@ -43,7 +43,7 @@ type GuardConfig struct {
 // Lease timing defaults; see the package doc for how they relate.
 const (
 	DefaultRenewEvery  = 200 * time.Millisecond
-	DefaultGuardMargin = 500 * time.Millisecond
+	DefaultGuardMargin = 800 * time.Millisecond
 )
 
 // PrimaryGuard keeps the active primary's witness lease and fences the

@@ -68,8 +68,8 @@ func TestGuardFencesWhenRenewalsFail(t *testing.T) {
 	done := make(chan error, 1)
 	go func() { done <- g.Run(context.Background()) }()
 	waitFor(t, 5*time.Second, "guard ticker", func() bool { return clk.Tickers() == 1 })
-	if v := g.ValidUntil(); !v.Equal(t0.Add(1500 * time.Millisecond)) {
-		t.Fatalf("valid until %v after start, want TTL-margin = 1.5s", v.Sub(t0))
+	if v := g.ValidUntil(); !v.Equal(t0.Add(2*time.Second - DefaultGuardMargin)) {
+		t.Fatalf("valid until %v after start, want TTL less the margin", v.Sub(t0))
 	}
 	// Renewals keep it valid for as long as they succeed.
 	for range 20 {
@@ -82,7 +82,7 @@ func TestGuardFencesWhenRenewalsFail(t *testing.T) {
 	}
 	// The witness becomes unreachable: fenced once the lease (less the
 	// margin) has run out, not before.
-	waitFor(t, 5*time.Second, "last renewal applied", func() bool { return g.ValidUntil().After(clk.Now().Add(1200 * time.Millisecond)) })
+	waitFor(t, 5*time.Second, "last renewal applied", func() bool { return g.ValidUntil().After(clk.Now().Add(2*time.Second - DefaultGuardMargin - 300*time.Millisecond)) })
 	l.set(Lease{}, ErrUnreachable)
 	valid := g.ValidUntil()
 	for clk.Now().Before(valid) {

@@ -151,7 +151,8 @@ func deleteGroup(path string) error {
 		req := nl.NewNetlinkRequest(unix.RTM_DELLINK, unix.NLM_F_ACK)
 		req.AddData(nl.NewIfInfomsg(unix.AF_UNSPEC))
 		req.AddData(nl.NewRtAttr(unix.IFLA_GROUP, nl.Uint32Attr(linkGroup)))
-		if _, err := req.Execute(unix.NETLINK_ROUTE, 0); err != nil {
+		_, err := req.Execute(unix.NETLINK_ROUTE, 0)
+		if err != nil && !errors.Is(err, unix.ENODEV) { // ENODEV: the group is empty
 			return fmt.Errorf("delete links in %s: %w", path, err)
 		}
 		return nil

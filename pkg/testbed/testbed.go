@@ -366,7 +366,9 @@ func (b *Bed) Close() error {
 	for _, n := range b.netns {
 		if err := removeNetns(n, false); err != nil {
 			errs = append(errs, err)
-			left = append(left, n)
+			if _, serr := os.Stat(netnsPath(n)); serr == nil {
+				left = append(left, n)
+			}
 		}
 	}
 	b.netns = left

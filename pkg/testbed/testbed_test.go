@@ -394,7 +394,7 @@ func TestFailedNewLeavesNothing(t *testing.T) {
 			b.Close()
 			t.Fatalf("New with a failure at %q succeeded: no such step?", s)
 		}
-		if !strings.Contains(err.Error(), "injected") {
+		if !strings.Contains(err.Error(), "injected") || strings.Contains(err.Error(), "cleaning up") {
 			t.Fatalf("failure at %q: %v", s, err)
 		}
 		mustLeaveNothing(t, before, prefix)
@@ -492,9 +492,18 @@ func TestCleanupStaleAfterCrash(t *testing.T) {
 		t.Fatalf("after the crash, namespaces %v; want the crashed bed's too", got)
 	}
 
+	// And a bed that died before making any namespace left only its lock.
+	orphanLock := lockPath(prefix, (live.Slot+NumSlots/2)%NumSlots)
+	if err := os.WriteFile(orphanLock, []byte("1\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+
 	removed, err := CleanupStale(context.Background(), prefix)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if _, err := os.Stat(orphanLock); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("orphan lock file %s still there: %v", orphanLock, err)
 	}
 	if !slices.Equal(removed, crashed) {
 		t.Errorf("CleanupStale removed %v, want %v", removed, crashed)

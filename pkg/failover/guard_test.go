@@ -82,7 +82,9 @@ func TestGuardFencesWhenRenewalsFail(t *testing.T) {
 	}
 	// The witness becomes unreachable: fenced once the lease (less the
 	// margin) has run out, not before.
-	waitFor(t, 5*time.Second, "last renewal applied", func() bool { return g.ValidUntil().After(clk.Now().Add(2*time.Second - DefaultGuardMargin - 300*time.Millisecond)) })
+	waitFor(t, 5*time.Second, "last renewal applied", func() bool {
+		return g.ValidUntil().After(clk.Now().Add(2*time.Second - DefaultGuardMargin - 300*time.Millisecond))
+	})
 	l.set(Lease{}, ErrUnreachable)
 	valid := g.ValidUntil()
 	for clk.Now().Before(valid) {

@@ -84,9 +84,10 @@ func (p *TCPProbe) Probe(ctx context.Context) (Result, error) {
 				case errors.Is(err, syscall.ECONNREFUSED):
 					o.alive = p.cfg.RefusedIsAlive
 					o.detail = fmt.Sprintf("port %d refused the connection", port)
-				case pctx.Err() != nil && ctx.Err() == nil, errors.Is(err, syscall.EHOSTUNREACH),
-					errors.Is(err, syscall.ETIMEDOUT):
-					// The probe's own deadline or a failed neighbour
+				case ctx.Err() == nil && (pctx.Err() != nil || isTimeout(err)),
+					errors.Is(err, syscall.EHOSTUNREACH), errors.Is(err, syscall.ETIMEDOUT):
+					// The probe's own deadline (the dialer may notice it
+					// before the context does) or a failed neighbour
 					// lookup: the address did not answer.
 					o.detail = fmt.Sprintf("port %d: %v", port, err)
 				default:
@@ -118,4 +119,9 @@ func (p *TCPProbe) Probe(ctx context.Context) (Result, error) {
 		return Result{By: p.by}, errors.Join(errs...)
 	}
 	return Result{By: p.by, Detail: fmt.Sprint(details)}, nil
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
 }

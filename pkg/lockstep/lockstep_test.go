@@ -52,7 +52,7 @@ func lastDiskSeq(b []byte) uint64 {
 // by a logging NBD export, and a secondary replica (RAM file, disk image,
 // state) fed over a link.
 type pair struct {
-	t        *testing.T
+	t        testing.TB
 	dir      string
 	spec     vm.Spec
 	primary  *vm.Machine
@@ -78,7 +78,10 @@ func pipeLink(t *testing.T) (wire.Conn, wire.Conn) {
 
 // tlsLink is a real link: TCP on loopback with mutual TLS, credentials
 // issued by a fresh pair CA, as `ftctl cert` makes them.
-func tlsLink(t *testing.T) (wire.Conn, wire.Conn) {
+func tlsLink(t *testing.T) (wire.Conn, wire.Conn) { return tlsLinkTB(t) }
+
+// tlsLinkTB is tlsLink for benchmarks too.
+func tlsLinkTB(t testing.TB) (wire.Conn, wire.Conn) {
 	t.Helper()
 	ctx := context.Background()
 	ca, err := wire.NewCA("test-pair")
@@ -129,6 +132,9 @@ type pairOptions struct {
 	workload string                        // ftguest.* words; default counter and disk
 	memMiB   int                           // default memMiB
 	primary  func(*lockstep.PrimaryConfig) // adjusts the coordinator's config
+	// linkTB, if set, replaces link; it works for benchmarks too (newPair
+	// takes a testing.TB, link needs a *testing.T).
+	linkTB func(testing.TB) (wire.Conn, wire.Conn)
 
 	nics      []vm.NIC                        // the primary's NICs; default none
 	secondary func(*lockstep.SecondaryConfig) // adjusts the receiver's config
@@ -139,7 +145,7 @@ type pairOptions struct {
 	unprotected bool
 }
 
-func newPair(t *testing.T, ctx context.Context, o pairOptions) *pair {
+func newPair(t testing.TB, ctx context.Context, o pairOptions) *pair {
 	t.Helper()
 	if o.link == nil {
 		o.link = pipeLink
@@ -235,7 +241,16 @@ func newPair(t *testing.T, ctx context.Context, o pairOptions) *pair {
 		t.Fatal(err)
 	}
 
-	pc, sc := o.link(t)
+	var pc, sc wire.Conn
+	if o.linkTB != nil {
+		pc, sc = o.linkTB(t)
+	} else {
+		tt, ok := t.(*testing.T)
+		if !ok {
+			t.Fatal("newPair: a benchmark needs pairOptions.linkTB")
+		}
+		pc, sc = o.link(tt)
+	}
 	pcfg := lockstep.PrimaryConfig{
 		QMP: p.primary.QMP(), RAM: p.region, Tracker: tracker,
 		Block: ex.Log, BlockEvents: events,

@@ -113,13 +113,21 @@ type renewResult struct {
 // Run first takes the lease: if the witness says another node holds it,
 // the guard fences at once; if the witness cannot be reached, Run returns
 // that error without fencing, and the agent must not start protection
-// (there is no standby to conflict with yet). Then it renews every
-// RenewEvery until ctx is done (returning ctx's error) or it fenced
-// (returning an error wrapping ErrFenced).
+// (there is no standby to conflict with yet); a lease TTL too short for
+// Margin plus RenewEvery is an ErrConfig error, also without fencing.
+// Then it renews every RenewEvery until ctx is done (returning ctx's
+// error) or it fenced (returning an error wrapping ErrFenced). Stopping
+// Run stops renewals: the agent must then stop the VM, or Release the
+// lease only after stopping it.
 func (g *PrimaryGuard) Run(ctx context.Context) error {
 	first := g.renew(ctx, g.cfg.Clock.Now())
 	if first.err != nil {
 		return fmt.Errorf("primary guard: initial lease for %q: %w", g.cfg.VM, first.err)
+	}
+	if l := first.lease; l.Granted && l.TTL <= g.cfg.Margin+g.cfg.RenewEvery {
+		// Every grant would expire before it could be renewed.
+		return fmt.Errorf("%w: witness lease TTL %v is too short for guard Margin %v plus RenewEvery %v",
+			ErrConfig, l.TTL, g.cfg.Margin, g.cfg.RenewEvery)
 	}
 	if err := g.apply(ctx, first); err != nil {
 		return err

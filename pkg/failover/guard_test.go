@@ -141,6 +141,14 @@ func TestGuardStart(t *testing.T) {
 	if fence.count() != 1 {
 		t.Fatalf("fences %v", fence.reasons)
 	}
+	l.set(Lease{Granted: true, Holder: "host-a", TTL: 900 * time.Millisecond}, nil)
+	g, _ = NewPrimaryGuard(GuardConfig{VM: "vm1", Lease: l, Fence: fence, Clock: clk})
+	if err := g.Run(context.Background()); !errors.Is(err, ErrConfig) {
+		t.Fatalf("lease TTL below margin+period: %v, want ErrConfig", err)
+	}
+	if fence.count() != 1 {
+		t.Fatalf("a misconfigured guard fenced: %v", fence.reasons)
+	}
 	for _, cfg := range []GuardConfig{
 		{VM: "vm1", Lease: l},
 		{VM: "", Lease: l, Fence: fence},

@@ -10,9 +10,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"runtime"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -23,17 +21,8 @@ import (
 	"github.com/ftctl/ftctl/pkg/lockstep"
 	"github.com/ftctl/ftctl/pkg/lockstep/wire"
 	"github.com/ftctl/ftctl/pkg/netbuf"
+	"github.com/ftctl/ftctl/pkg/testbed"
 	"github.com/ftctl/ftctl/pkg/vm"
-)
-
-// The guest network of these tests lives in a namespace the test creates:
-// the tap (the buffer's host port) has hostIP, the guest guestIP, and the
-// client dials from the same namespace. No packet can leave it.
-const (
-	tapName  = "ftls0"
-	hostCIDR = "10.213.251.1/24"
-	guestIP  = "10.213.251.50"
-	guestTCP = guestIP + ":7000"
 )
 
 // requireNet skips unless the test can create namespaces and taps.
@@ -45,82 +34,8 @@ func requireNet(t testing.TB) {
 	}
 }
 
-var nsSeq atomic.Uint64
-
-// testNS is a named network namespace the test created and deletes.
-type testNS struct{ name, path string }
-
-func newTestNS(t testing.TB) *testNS {
-	t.Helper()
-	requireNet(t)
-	name := fmt.Sprintf("ftls-%d-%d", os.Getpid(), nsSeq.Add(1))
-	errc := make(chan error, 1)
-	go func() {
-		// NewNamed moves this thread into the new namespace; the thread
-		// stays locked so Go discards it when the goroutine ends.
-		runtime.LockOSThread()
-		h, err := netns.NewNamed(name)
-		if err == nil {
-			h.Close()
-		}
-		errc <- err
-	}()
-	if err := <-errc; err != nil {
-		t.Fatalf("create netns %s: %v", name, err)
-	}
-	n := &testNS{name: name, path: filepath.Join("/var/run/netns", name)}
-	t.Cleanup(func() {
-		if err := netns.DeleteNamed(name); err != nil {
-			t.Errorf("delete netns %s: %v", name, err)
-		}
-	})
-	h := n.handle(t)
-	lo, err := h.LinkByName("lo")
-	if err == nil {
-		err = h.LinkSetUp(lo)
-	}
-	if err != nil {
-		t.Fatalf("loopback up in %s: %v", name, err)
-	}
-	return n
-}
-
-func (n *testNS) handle(t testing.TB) *netlink.Handle {
-	t.Helper()
-	h, err := netns.GetFromPath(n.path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
-	nh, err := netlink.NewHandleAt(h)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nh.Delete)
-	return nh
-}
-
-// do runs fn on a thread inside the namespace; sockets fn opens belong to
-// the namespace and work from any thread afterwards.
-func (n *testNS) do(fn func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread() // never unlocked: the thread dies with the goroutine
-		h, err := netns.GetFromPath(n.path)
-		if err != nil {
-			errc <- err
-			return
-		}
-		err = netns.Set(h)
-		h.Close()
-		if err != nil {
-			errc <- err
-			return
-		}
-		errc <- fn()
-	}()
-	return <-errc
-}
+// tapName is the guest NIC's tap on host A (its own namespace: no clash).
+const tapName = "ftls0"
 
 // tapWrite is one guest frame handed to the tap, stamped when the write
 // began: the earliest moment it could have been seen outside.
@@ -264,28 +179,51 @@ func (l *stallLink) resume() {
 	}
 }
 
-// guestNet is a guest NIC's path to the world: a netbuf.Buffer whose host
-// port is a tap in a test namespace, recorded.
+// guestNet is a guest NIC's path to the world, on a testbed: the NIC's
+// stream goes into a netbuf.Buffer whose host port is a tap (recorded)
+// on host A's br-vm; the client runs in the bed's client namespace, across
+// the bed's LAN switch. All of it is inside namespaces the bed made.
 type guestNet struct {
-	ns  *testNS
+	bed *testbed.Bed
 	tap *netbuf.Tap
 	rec *tapRecorder
 	buf *netbuf.Buffer
 	nic vm.NIC
+	ip  netip.Prefix // the guest's address on the LAN
 }
 
-// newGuestNet creates the namespace, the tap and the buffer (serving until
-// the test ends). The buffer holds every guest frame from the start:
+// newGuestNet builds the bed, the tap and the buffer (serving until the
+// test ends). The buffer holds every guest frame from the start:
 // passthrough is off unless passthrough is true (a baseline).
-func newGuestNet(t testing.TB, passthrough bool) *guestNet {
+func newGuestNet(t testing.TB, ctx context.Context, passthrough bool) *guestNet {
 	t.Helper()
-	ns := newTestNS(t)
-	tap, err := netbuf.OpenTap(tapName, netbuf.TapOptions{NetNS: ns.path, Addrs: []netip.Prefix{netip.MustParsePrefix(hostCIDR)}})
+	requireNet(t)
+	bed, err := testbed.New(ctx, testbed.Options{Prefix: "ftls", Logger: quiet})
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { tap.Close() })
-	g := &guestNet{ns: ns, tap: tap, rec: &tapRecorder{Port: tap}}
+	t.Cleanup(func() {
+		if err := bed.Close(); err != nil {
+			t.Errorf("close testbed: %v", err)
+		}
+	})
+	g := &guestNet{bed: bed}
+	if g.ip, err = bed.VMAddr(0); err != nil {
+		t.Fatal(err)
+	}
+	mac, err := bed.VMMAC(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g.tap, err = netbuf.OpenTap(tapName, netbuf.TapOptions{NetNS: bed.A.NetNS})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { g.tap.Close() })
+	if err := bed.A.Attach(tapName); err != nil {
+		t.Fatal(err)
+	}
+	g.rec = &tapRecorder{Port: g.tap}
 	sock := filepath.Join(t.TempDir(), "nic.sock")
 	g.buf, err = netbuf.New(sock, g.rec, netbuf.Options{Logger: quiet})
 	if err != nil {
@@ -305,32 +243,37 @@ func newGuestNet(t testing.TB, passthrough bool) *guestNet {
 			t.Errorf("buffer Serve: %v", err)
 		}
 	})
-	g.nic = vm.NIC{Stream: sock}
+	g.nic = vm.NIC{Stream: sock, MAC: mac.String()}
 	return g
 }
 
 // workload is the guest's kernel command line part: its TCP service on
-// the namespace's subnet.
+// the bed's LAN.
 func (g *guestNet) workload(extra string) string {
-	return "ftguest.run=tcp ftguest.ip=" + guestIP + "/24 " + extra
+	return "ftguest.run=tcp ftguest.ip=" + g.ip.String() + " " + extra
 }
 
-// dial connects to the guest's TCP service from inside the namespace.
+// dial connects to the guest's TCP service from the client namespace.
 func (g *guestNet) dial(ctx context.Context, timeout time.Duration) (net.Conn, error) {
-	var c net.Conn
-	err := g.ns.do(func() error {
-		var err error
-		d := net.Dialer{Timeout: timeout}
-		c, err = d.DialContext(ctx, "tcp", guestTCP)
-		return err
-	})
-	return c, err
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	return g.bed.Client.Dial(ctx, "tcp", netip.AddrPortFrom(g.ip.Addr(), 7000).String())
 }
 
 // tapRx is the number of frames the tap has received (written into it).
 func (g *guestNet) tapRx(t testing.TB) uint64 {
 	t.Helper()
-	l, err := g.ns.handle(t).LinkByName(tapName)
+	h, err := netns.GetFromPath(g.bed.A.NetNS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	nh, err := netlink.NewHandleAt(h)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nh.Close()
+	l, err := nh.LinkByName(tapName)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -380,8 +323,9 @@ func (c *client) exchange(line string) (time.Duration, error) {
 }
 
 // TestOutputCommitThroughCoordinator: a protected guest's TCP service is
-// used by a client through the output-commit buffer and a real tap, with
-// the real coordinator and secondary over TCP with mutual TLS. The capture
+// used by a client in a testbed's client namespace, across its LAN, through
+// the output-commit buffer and a real tap on host A's br-vm, with the real
+// coordinator and secondary over TCP with mutual TLS. The capture
 // proves that every guest frame that reached the tap belongs to an epoch
 // the secondary had committed before the frame was written; the client's
 // exchanges complete (replies are delayed, not lost). With the secondary
@@ -390,7 +334,7 @@ func (c *client) exchange(line string) (time.Duration, error) {
 func TestOutputCommitThroughCoordinator(t *testing.T) {
 	requireNet(t)
 	ctx := testenv.Deadline(t, 4*time.Minute)
-	gn := newGuestNet(t, false)
+	gn := newGuestNet(t, ctx, false)
 	out := &outputRecorder{Output: gn.buf}
 	commits := &commitRecorder{at: map[uint64]time.Time{}}
 	var link *stallLink

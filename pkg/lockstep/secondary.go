@@ -29,6 +29,10 @@ type SecondaryConfig struct {
 	Logger    *slog.Logger
 	// OnCommit, if set, is called after each epoch committed.
 	OnCommit func(CommitStats)
+	// OnControl, if set, receives the payload of control frames (the
+	// agents' own messages, e.g. a planned switchover). An error it returns
+	// ends Run with that error; without it, control frames are refused.
+	OnControl func(ctx context.Context, payload []byte) error
 }
 
 // CommitStats are one committed epoch's figures on the secondary.
@@ -227,6 +231,11 @@ func (s *Secondary) handleOOB(ctx context.Context, f wire.Frame) error {
 	switch f.Type {
 	case wire.TypeHeartbeat:
 		return nil
+	case wire.TypeControl:
+		if s.cfg.OnControl == nil {
+			return fmt.Errorf("%w: control frame, but no handler is configured", ErrProtocol)
+		}
+		return s.cfg.OnControl(ctx, f.Payload)
 	case wire.TypeBlock:
 		if s.cfg.Replayer == nil {
 			return fmt.Errorf("%w: block events for a VM without a replicated disk", ErrProtocol)

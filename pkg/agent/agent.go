@@ -1,0 +1,398 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/ftctl/ftctl/pkg/lockstep/wire"
+	"github.com/ftctl/ftctl/pkg/vm"
+)
+
+// Agent is one host's daemon.
+type Agent struct {
+	cfg Config
+	log *slog.Logger
+
+	mu       sync.Mutex
+	guests   map[string]*guest
+	replicas map[string]*replicaVM
+	peerLn   *wire.Listener
+	ctl      net.Listener
+	srv      *http.Server
+	closed   bool
+}
+
+// New checks the configuration and prepares the agent's directories.
+func New(cfg Config) (*Agent, error) {
+	cfg, err := cfg.withDefaults()
+	if err != nil {
+		return nil, err
+	}
+	for _, d := range []string{cfg.StateDir, cfg.RunDir, cfg.RAMDir} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			return nil, fmt.Errorf("agent directory: %w", err)
+		}
+	}
+	return &Agent{cfg: cfg, log: cfg.Logger.With("agent", cfg.Name), guests: map[string]*guest{}, replicas: map[string]*replicaVM{}}, nil
+}
+
+// Name is the agent's host name.
+func (a *Agent) Name() string { return a.cfg.Name }
+
+// PeerAddr is the address the peer listener is bound to (after Start).
+func (a *Agent) PeerAddr() string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.peerLn == nil {
+		return ""
+	}
+	return a.peerLn.Addr().String()
+}
+
+// ControlSocket is the path of the control API.
+func (a *Agent) ControlSocket() string { return a.cfg.ControlSocket }
+
+// Run serves the control API and the peer listener until ctx ends. VMs
+// keep running after Run returns (QEMU processes are not children that die
+// with the agent); Close stops them.
+func (a *Agent) Run(ctx context.Context) error {
+	if err := a.listen(ctx); err != nil {
+		return err
+	}
+	errc := make(chan error, 2)
+	go func() {
+		if err := a.srv.Serve(a.ctl); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			errc <- err
+		}
+	}()
+	if a.peerLn != nil {
+		go a.acceptPeers(ctx)
+	}
+	a.log.Info("agent running", "control", a.cfg.ControlSocket, "peer", a.PeerAddr())
+	select {
+	case <-ctx.Done():
+	case err := <-errc:
+		return err
+	}
+	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	a.srv.Shutdown(sctx)
+	if a.peerLn != nil {
+		a.peerLn.Close()
+	}
+	return nil
+}
+
+// listen opens the control socket (root only) and the peer listener.
+func (a *Agent) listen(ctx context.Context) error {
+	if err := os.MkdirAll(filepath.Dir(a.cfg.ControlSocket), 0o700); err != nil {
+		return err
+	}
+	os.Remove(a.cfg.ControlSocket)
+	ln, err := net.Listen("unix", a.cfg.ControlSocket)
+	if err != nil {
+		return fmt.Errorf("control socket: %w", err)
+	}
+	if err := os.Chmod(a.cfg.ControlSocket, 0o600); err != nil {
+		ln.Close()
+		return err
+	}
+	a.ctl = ln
+	a.srv = &http.Server{Handler: a.routes(), ReadHeaderTimeout: 10 * time.Second}
+	if a.cfg.PeerAddr != "" {
+		pl, err := wire.Listen(ctx, a.cfg.PeerAddr, a.cfg.Credentials)
+		if err != nil {
+			ln.Close()
+			return fmt.Errorf("peer listener on %s: %w", a.cfg.PeerAddr, err)
+		}
+		a.mu.Lock()
+		a.peerLn = pl
+		a.mu.Unlock()
+	}
+	return nil
+}
+
+// acceptPeers serves replication links from primaries.
+func (a *Agent) acceptPeers(ctx context.Context) {
+	for {
+		c, err := a.peerLn.Accept(ctx)
+		if err != nil {
+			if errors.Is(err, wire.ErrAuth) {
+				a.log.Warn("peer refused", "err", err)
+				continue
+			}
+			if ctx.Err() == nil {
+				a.log.Info("peer listener stopped", "err", err)
+			}
+			return
+		}
+		go a.servePeer(ctx, c)
+	}
+}
+
+func (a *Agent) servePeer(ctx context.Context, c wire.Conn) {
+	wc := newWatchedConn(c)
+	hctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	m, err := recvMsg(hctx, wc)
+	cancel()
+	if err != nil {
+		a.log.Warn("peer sent no request", "peer", c.Peer(), "err", err)
+		c.Close()
+		return
+	}
+	if m.Op != opProtect {
+		sendMsg(ctx, wc, message{Op: opRefused, Error: fmt.Sprintf("unexpected %q", m.Op)})
+		c.Close()
+		return
+	}
+	if m.From == "" {
+		m.From = c.Peer()
+	}
+	r, err := a.acceptProtect(ctx, m)
+	if err != nil {
+		a.log.Warn("refusing to protect", "vm", m.VM, "peer", m.From, "err", err)
+		sendMsg(ctx, wc, message{Op: opRefused, VM: m.VM, Error: err.Error()})
+		c.Close()
+		return
+	}
+	r.conn = wc
+	if err := sendMsg(ctx, wc, message{Op: opReady, VM: m.VM}); err != nil {
+		a.dropReplica(r)
+		return
+	}
+	r.setState(StateStandby, "protecting for "+m.From)
+	r.run(context.WithoutCancel(ctx))
+}
+
+func (a *Agent) acceptProtect(ctx context.Context, m message) (*replicaVM, error) {
+	a.mu.Lock()
+	if g, ok := a.guests[m.VM]; ok {
+		a.mu.Unlock()
+		g.mu.Lock()
+		dead := g.state == StateStopped || g.state == StateHandedOver
+		g.mu.Unlock()
+		if !dead {
+			return nil, fmt.Errorf("%w: %s runs on this host", ErrExists, m.VM)
+		}
+		// What is left of a VM whose QEMU died here (this host was its
+		// primary and failed) makes way for the new replica.
+		g.stop(ctx)
+		a.forget(m.VM)
+		a.mu.Lock()
+	}
+	old := a.replicas[m.VM]
+	delete(a.replicas, m.VM)
+	a.mu.Unlock()
+	if old != nil {
+		// A new pairing replaces a stale replica (the primary re-pairs
+		// after the link came back): its content is outdated anyway.
+		old.stop()
+	}
+	r, err := a.prepareReplica(ctx, m)
+	if err != nil {
+		return nil, err
+	}
+	a.mu.Lock()
+	a.replicas[m.VM] = r
+	a.mu.Unlock()
+	return r, nil
+}
+
+func (a *Agent) dropReplica(r *replicaVM) {
+	a.mu.Lock()
+	if a.replicas[r.name] == r {
+		delete(a.replicas, r.name)
+	}
+	a.mu.Unlock()
+	r.stop()
+	a.removeRecord(r.name)
+}
+
+// adoptPromoted turns a promoted replica into a guest of this host, which
+// can then be paired again (re-protection).
+func (a *Agent) adoptPromoted(r *replicaVM) {
+	if r.replayer != nil {
+		r.replayer.Close()
+	}
+	if r.img != nil {
+		r.img.Close()
+	}
+	r.replica.Close()
+	g := &guest{a: a, name: r.name, spec: r.spec, probe: r.probe, dir: r.runDir, dev: r.dev, m: r.standby,
+		state: StatePromoted, reason: r.reason, since: time.Now(), extra: []string{r.ramPath}}
+	a.mu.Lock()
+	if a.replicas[r.name] == r {
+		delete(a.replicas, r.name)
+	}
+	a.guests[r.name] = g
+	a.mu.Unlock()
+	g.setState(StatePromoted, r.reason)
+	go g.watchQEMU()
+}
+
+// forget drops a VM that left this host.
+func (a *Agent) forget(name string) {
+	a.mu.Lock()
+	delete(a.guests, name)
+	a.mu.Unlock()
+	a.removeRecord(name)
+}
+
+// StartVM boots a VM under this agent.
+func (a *Agent) StartVM(ctx context.Context, spec vm.Spec, probe ProbeSpec) (VMStatus, error) {
+	a.mu.Lock()
+	_, g := a.guests[spec.Name]
+	_, r := a.replicas[spec.Name]
+	a.mu.Unlock()
+	if g || r {
+		return VMStatus{}, fmt.Errorf("%w: %s", ErrExists, spec.Name)
+	}
+	if err := spec.WithDefaults().Validate(); err != nil && !errors.Is(err, vm.ErrInvalidSpec) {
+		return VMStatus{}, err
+	}
+	gu, err := a.startGuest(ctx, spec, probe)
+	if err != nil {
+		return VMStatus{}, err
+	}
+	a.mu.Lock()
+	a.guests[spec.Name] = gu
+	a.mu.Unlock()
+	return gu.status(), nil
+}
+
+func (a *Agent) guest(name string) (*guest, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	g, ok := a.guests[name]
+	if !ok {
+		if _, ok := a.replicas[name]; ok {
+			return nil, fmt.Errorf("%w: %s is a replica here; run the command on its primary's host", ErrState, name)
+		}
+		return nil, fmt.Errorf("%w: %s", ErrNotFound, name)
+	}
+	return g, nil
+}
+
+// Pair starts protecting a VM on peer.
+func (a *Agent) Pair(ctx context.Context, name, peer string) (VMStatus, error) {
+	g, err := a.guest(name)
+	if err != nil {
+		return VMStatus{}, err
+	}
+	if err := g.pair(ctx, peer); err != nil {
+		return VMStatus{}, err
+	}
+	return g.status(), nil
+}
+
+// Failover hands a VM over to its secondary (planned, zero loss).
+func (a *Agent) Failover(ctx context.Context, name string) (uint64, error) {
+	g, err := a.guest(name)
+	if err != nil {
+		return 0, err
+	}
+	return g.failover(ctx)
+}
+
+// Unpair stops protecting a VM.
+func (a *Agent) Unpair(ctx context.Context, name string) error {
+	a.mu.Lock()
+	r, isReplica := a.replicas[name]
+	a.mu.Unlock()
+	if isReplica {
+		a.dropReplica(r)
+		return nil
+	}
+	g, err := a.guest(name)
+	if err != nil {
+		return err
+	}
+	return g.unpair()
+}
+
+// StopVM shuts a VM down.
+func (a *Agent) StopVM(ctx context.Context, name string) error {
+	g, err := a.guest(name)
+	if err != nil {
+		return err
+	}
+	return g.stop(ctx)
+}
+
+// Status lists the VMs (or one).
+func (a *Agent) Status(name string) ([]VMStatus, error) {
+	a.mu.Lock()
+	var gs []*guest
+	var rs []*replicaVM
+	for n, g := range a.guests {
+		if name == "" || n == name {
+			gs = append(gs, g)
+		}
+	}
+	for n, r := range a.replicas {
+		if name == "" || n == name {
+			rs = append(rs, r)
+		}
+	}
+	a.mu.Unlock()
+	if name != "" && len(gs)+len(rs) == 0 {
+		return nil, fmt.Errorf("%w: %s", ErrNotFound, name)
+	}
+	var out []VMStatus
+	for _, g := range gs {
+		out = append(out, g.status())
+	}
+	for _, r := range rs {
+		out = append(out, r.status())
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out, nil
+}
+
+// Close stops every VM and replica this agent runs (for tests and an
+// orderly shutdown of the host, not for an agent restart).
+func (a *Agent) Close() error {
+	a.mu.Lock()
+	gs := make([]*guest, 0, len(a.guests))
+	for _, g := range a.guests {
+		gs = append(gs, g)
+	}
+	rs := make([]*replicaVM, 0, len(a.replicas))
+	for _, r := range a.replicas {
+		rs = append(rs, r)
+	}
+	a.closed = true
+	a.mu.Unlock()
+	for _, g := range gs {
+		g.stop(context.Background())
+	}
+	for _, r := range rs {
+		a.dropReplica(r)
+	}
+	return nil
+}
+
+// Serial returns what the VM has written to its serial console on this
+// host (for a replica: its standby, silent until promoted).
+func (a *Agent) Serial(name string) ([]byte, error) {
+	a.mu.Lock()
+	g, isGuest := a.guests[name]
+	r, isReplica := a.replicas[name]
+	a.mu.Unlock()
+	switch {
+	case isGuest:
+		return g.m.Serial()
+	case isReplica && r.standby != nil:
+		return r.standby.Serial()
+	}
+	return nil, fmt.Errorf("%w: %s", ErrNotFound, name)
+}

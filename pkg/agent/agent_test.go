@@ -1,0 +1,219 @@
+package agent_test
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/ftctl/ftctl/internal/counterlog"
+	"github.com/ftctl/ftctl/internal/testenv"
+	"github.com/ftctl/ftctl/pkg/agent"
+	"github.com/ftctl/ftctl/pkg/lockstep"
+	"github.com/ftctl/ftctl/pkg/lockstep/wire"
+	"github.com/ftctl/ftctl/pkg/vm"
+)
+
+var quiet = slog.New(slog.NewTextHandler(io.Discard, nil))
+
+var diskSeqRE = regexp.MustCompile(`ftguest disk seq=(\d+)`)
+
+func lastDiskSeq(b []byte) uint64 {
+	m := diskSeqRE.FindAllSubmatch(b, -1)
+	if len(m) == 0 {
+		return 0
+	}
+	v, _ := strconv.ParseUint(string(m[len(m)-1][1]), 10, 64)
+	return v
+}
+
+// yesArbiter stands in for the client-oriented probe where the test itself
+// knows the primary is dead (it killed it).
+type yesArbiter struct{}
+
+func (yesArbiter) MayPromote(context.Context, agent.ArbiterQuery) (bool, string, error) {
+	return true, "test: the primary was killed", nil
+}
+
+type host struct {
+	a      *agent.Agent
+	c      *agent.Client
+	cancel context.CancelFunc
+	done   chan error
+}
+
+func newHost(t *testing.T, ca *wire.CA, name string) *host {
+	t.Helper()
+	cert, key, err := ca.Issue(name, []string{"127.0.0.1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	creds, err := wire.CredentialsFromPEM(ca.CertPEM(), cert, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	a, err := agent.New(agent.Config{
+		Name: name, StateDir: filepath.Join(dir, "state"), RunDir: filepath.Join(dir, "run"), RAMDir: filepath.Join(dir, "ram"),
+		PeerAddr: "127.0.0.1:0", Credentials: creds, Arbiter: yesArbiter{}, Logger: quiet,
+		Policy: lockstep.Policy{MaxInterval: 100 * time.Millisecond}, PeerTimeout: 2 * time.Second,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	h := &host{a: a, c: agent.NewClient(a.ControlSocket()), cancel: cancel, done: make(chan error, 1)}
+	go func() { h.done <- a.Run(ctx) }()
+	t.Cleanup(func() { cancel(); <-h.done; a.Close() })
+	for a.PeerAddr() == "" {
+		select {
+		case err := <-h.done:
+			t.Fatalf("agent %s: %v", name, err)
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	return h
+}
+
+func (h *host) waitState(t *testing.T, ctx context.Context, name string, want agent.State) agent.VMStatus {
+	t.Helper()
+	var last agent.VMStatus
+	for {
+		s, err := h.c.Get(ctx, name)
+		if err == nil {
+			last = s
+			if s.State == want {
+				return s
+			}
+			if s.State == agent.StateDegraded || s.State == agent.StateStopped {
+				t.Fatalf("%s on %s is %s, want %s: %s", name, h.a.Name(), s.State, want, s.Reason)
+			}
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("%s on %s never reached %s: last %+v (%v)", name, h.a.Name(), want, last, err)
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+func (h *host) waitSerial(t *testing.T, ctx context.Context, name string, ok func([]byte) bool) []byte {
+	t.Helper()
+	for {
+		b, _ := h.a.Serial(name)
+		if ok(b) {
+			return b
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("serial of %s on %s: %v; last %q", name, h.a.Name(), ctx.Err(), tailOf(b))
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+func tailOf(b []byte) []byte {
+	if len(b) > 300 {
+		return b[len(b)-300:]
+	}
+	return b
+}
+
+// TestPairFailoverFailback: a VM started by agent A is paired to agent B;
+// A's QEMU is SIGKILLed and B promotes the last committed checkpoint; the VM
+// is then protected back onto A (re-protection without stopping it) and
+// handed back with a planned switchover, with no gap in its counter.
+func TestPairFailoverFailback(t *testing.T) {
+	img := testenv.Guest(t)
+	ctx := testenv.Deadline(t, 5*time.Minute)
+	ca, err := wire.NewCA("test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	A, B := newHost(t, ca, "host-a"), newHost(t, ca, "host-b")
+	disk := filepath.Join(t.TempDir(), "disk.raw")
+	os.WriteFile(disk, nil, 0o600)
+	os.Truncate(disk, 16<<20)
+	spec := vm.Spec{Name: "web", MemoryMiB: 128, Kernel: img.Kernel, Initrd: img.Initrd, Accel: vm.AccelTCG,
+		Cmdline: img.Cmdline + " ftguest.run=counter,disk ftguest.interval=50ms ftguest.diskinterval=50ms",
+		Disks:   []vm.Disk{{Path: disk}}}
+
+	// Errors a user can make, each clear.
+	if _, err := A.c.Pair(ctx, "nope", B.a.PeerAddr()); !errors.Is(err, agent.ErrNotFound) {
+		t.Fatalf("pair of an unknown VM: %v", err)
+	}
+	if _, err := A.c.Start(ctx, agent.StartRequest{Spec: vm.Spec{Name: "bad", MemoryMiB: 0, Kernel: img.Kernel}}); !errors.Is(err, vm.ErrInvalidSpec) {
+		t.Fatalf("start with a bad spec: %v", err)
+	}
+	if _, err := A.c.Start(ctx, agent.StartRequest{Spec: spec}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := A.c.Start(ctx, agent.StartRequest{Spec: spec}); !errors.Is(err, agent.ErrExists) {
+		t.Fatalf("starting the same VM twice: %v", err)
+	}
+	if _, err := A.c.Pair(ctx, "web", "127.0.0.1:1"); !errors.Is(err, agent.ErrPeer) {
+		t.Fatalf("pair with an unreachable host: %v", err)
+	}
+	A.waitSerial(t, ctx, "web", func(b []byte) bool { return lastDiskSeq(b) >= 2 })
+	if _, err := A.c.Pair(ctx, "web", B.a.PeerAddr()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := A.c.Pair(ctx, "web", B.a.PeerAddr()); !errors.Is(err, agent.ErrState) {
+		t.Fatalf("pairing an already paired VM: %v", err)
+	}
+	A.waitState(t, ctx, "web", agent.StateProtected)
+	B.waitState(t, ctx, "web", agent.StateStandby)
+	time.Sleep(500 * time.Millisecond)
+	st, _ := A.c.Get(ctx, "web")
+	t.Logf("protected: %+v", st)
+
+	// Host A's VM dies like its host: SIGKILL.
+	before, _ := A.a.Serial("web")
+	if err := syscall.Kill(st.PID, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	sb := B.waitState(t, ctx, "web", agent.StatePromoted)
+	t.Logf("promoted on B: %s", sb.Reason)
+	after := B.waitSerial(t, ctx, "web", func(b []byte) bool { return counterlog.Last(b) >= counterlog.Last(before)+5 })
+	vals := counterlog.Values(after)
+	if len(vals) == 0 || vals[0] > counterlog.Last(before)+1 {
+		t.Fatalf("B resumed at counter %v, but A had only reached %d", vals, counterlog.Last(before))
+	}
+	if _, err := counterlog.Check(vals); err != nil {
+		t.Fatalf("B's counter: %v", err)
+	}
+
+	// Re-protect onto A (the old host is back) without stopping the VM.
+	if _, err := B.c.Pair(ctx, "web", A.a.PeerAddr()); err != nil {
+		t.Fatal(err)
+	}
+	B.waitState(t, ctx, "web", agent.StateProtected)
+	time.Sleep(500 * time.Millisecond)
+	res, err := B.c.Failover(ctx, "web")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("handed back to A at epoch %d", res.Epoch)
+	atHandover, err := B.a.Serial("web")
+	if err != nil {
+		t.Fatal(err)
+	}
+	A.waitState(t, ctx, "web", agent.StatePromoted)
+	if s, err := B.c.Get(ctx, "web"); err != nil || s.State != agent.StateHandedOver || s.PID != 0 {
+		t.Fatalf("after the handover B shows %+v, %v; want handed-over and no QEMU", s, err)
+	}
+	back := A.waitSerial(t, ctx, "web", func(b []byte) bool { return counterlog.Last(b) >= counterlog.Last(atHandover)+5 })
+	if _, err := counterlog.Check(counterlog.Values(counterlog.Stitch(atHandover, back))); err != nil {
+		t.Fatalf("counter across the planned failback: %v", err)
+	}
+	if err := A.c.Stop(ctx, "web"); err != nil {
+		t.Fatal(err)
+	}
+}

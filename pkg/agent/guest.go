@@ -1,0 +1,487 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/ftctl/ftctl/pkg/blockreplay/eventlog"
+	"github.com/ftctl/ftctl/pkg/blockreplay/initsync"
+	"github.com/ftctl/ftctl/pkg/lockstep"
+	"github.com/ftctl/ftctl/pkg/lockstep/wire"
+	"github.com/ftctl/ftctl/pkg/memsync"
+	"github.com/ftctl/ftctl/pkg/vm"
+)
+
+// guest is a VM this host runs: its QEMU, its devices and, while paired,
+// its protection.
+type guest struct {
+	a     *Agent
+	name  string
+	spec  vm.Spec // as the user gave it
+	probe ProbeSpec
+	dir   string
+	dev   *devices
+	m     *vm.Machine
+
+	mu     sync.Mutex
+	state  State
+	reason string
+	since  time.Time
+	peer   string
+	prot   *protection
+	rate   rateMeter
+	// extra files the guest owns beyond what vm.Machine removes (the
+	// replica RAM file a promoted guest runs on).
+	extra []string
+}
+
+// protection is one pairing of a guest with a secondary.
+type protection struct {
+	peer     string
+	conn     *watchedConn
+	prim     *lockstep.Primary
+	region   *memsync.Region
+	tracker  memsync.Tracker
+	events   *eventlog.Pipe
+	diskSync *initsync.Syncer
+	cancel   context.CancelFunc
+	done     chan struct{}
+	err      error
+	handover bool // ended by a planned switchover
+	stopping bool // ended on purpose (unpair, stop)
+}
+
+func (g *guest) setState(s State, reason string) {
+	g.mu.Lock()
+	g.state, g.reason, g.since = s, reason, time.Now()
+	g.mu.Unlock()
+	g.a.log.Info("state", "vm", g.name, "state", s, "reason", reason)
+	g.a.saveRecord(record{Name: g.name, Role: RolePrimary, State: s, Peer: g.peer, Spec: g.spec, PID: g.pid()})
+}
+
+func (g *guest) pid() int {
+	if g.m == nil {
+		return 0
+	}
+	return g.m.PID()
+}
+
+// startGuest boots a VM whose disks the agent serves and whose NICs it
+// buffers.
+func (a *Agent) startGuest(ctx context.Context, spec vm.Spec, probe ProbeSpec) (*guest, error) {
+	spec = spec.WithDefaults()
+	var images []string
+	for i, d := range spec.Disks {
+		if d.Path == "" || d.NBD != nil {
+			return nil, fmt.Errorf("%w: disks[%d]: give a raw image path; the agent serves it", ErrBadRequest, i)
+		}
+		if d.Format != "" && d.Format != "raw" {
+			return nil, fmt.Errorf("%w: disks[%d]: only raw images can be protected (got %s)", ErrBadRequest, i, d.Format)
+		}
+		images = append(images, d.Path)
+	}
+	for i, n := range spec.NICs {
+		if n.User || n.Stream != "" {
+			return nil, fmt.Errorf("%w: nics[%d]: leave the backend empty; the agent connects the NIC", ErrBadRequest, i)
+		}
+	}
+	g := &guest{a: a, name: spec.Name, spec: spec, probe: probe, dir: filepath.Join(a.cfg.RunDir, "vms", spec.Name)}
+	dev, err := a.openDevices(spec.Name, spec, g.dir, images)
+	if err != nil {
+		return nil, err
+	}
+	g.dev = dev
+	g.m, err = vm.Start(ctx, dev.spec, vm.Options{RunDir: filepath.Join(g.dir, "qemu"), RAMDir: a.cfg.RAMDir, Logger: a.log})
+	if err != nil {
+		dev.close()
+		return nil, err
+	}
+	g.setState(StateUnprotected, "started")
+	go g.watchQEMU()
+	return g, nil
+}
+
+// watchQEMU notices the guest's QEMU dying outside ftctl's control.
+func (g *guest) watchQEMU() {
+	<-g.m.Exited()
+	g.mu.Lock()
+	st := g.state
+	g.mu.Unlock()
+	if st == StateHandedOver || st == StateStopped {
+		return
+	}
+	g.stopProtection()
+	g.setState(StateStopped, "QEMU exited: "+g.m.Stderr())
+}
+
+// pair opens a link to peer and starts protecting the guest there.
+func (g *guest) pair(ctx context.Context, peer string) error {
+	g.mu.Lock()
+	st := g.state
+	busy := g.prot != nil
+	g.mu.Unlock()
+	if busy || (st != StateUnprotected && st != StateDegraded && st != StatePromoted) {
+		return fmt.Errorf("%w: %s is %s (unpair it first)", ErrState, g.name, st)
+	}
+	if len(g.dev.disks) > 1 {
+		return fmt.Errorf("%w: %s has %d disks; ftctl protects at most one disk per VM for now", ErrState, g.name, len(g.dev.disks))
+	}
+	if g.a.cfg.Credentials == nil {
+		return fmt.Errorf("%w: this agent has no credentials for replication links (start it with --ca/--cert/--key or --psk-file)", ErrState)
+	}
+	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	raw, err := wire.Dial(dctx, peerAddr(peer), g.a.cfg.Credentials)
+	cancel()
+	if err != nil {
+		return fmt.Errorf("%w: connect to %s: %w", ErrPeer, peer, err)
+	}
+	conn := newWatchedConn(raw)
+	fail := func(err error) error { conn.Close(); return err }
+
+	// The disk's events start streaming at a moment with no write in
+	// flight: QEMU's stop drains I/O. The replayer starts in step with the
+	// log's position there; the initial sync then copies the whole disk.
+	c := g.m.QMP()
+	events := eventlog.NewPipe(64 << 20)
+	msg := message{Op: opProtect, VM: g.name, Spec: &g.spec, Probe: g.probe, From: g.a.cfg.Name}
+	if err := c.Stop(ctx); err != nil {
+		return fail(err)
+	}
+	if len(g.dev.disks) == 1 {
+		log := g.dev.disks[0].ex.Log
+		// Close the epoch whose events went nowhere, so the stream the
+		// replica sees starts with a whole epoch.
+		if _, _, err := log.MarkEpoch(ctx); err != nil {
+			c.Cont(ctx)
+			return fail(err)
+		}
+		msg.LogEpoch, msg.LogSeq = log.Position()
+		msg.Disks = []int64{log.Size()}
+		g.dev.stream(events)
+	}
+	if err := c.Cont(ctx); err != nil {
+		g.dev.stream(nil)
+		return fail(err)
+	}
+	undo := func(err error) error {
+		g.dev.stream(nil)
+		drain(events)
+		return fail(err)
+	}
+	if err := sendMsg(ctx, conn, msg); err != nil {
+		return undo(fmt.Errorf("%w: %s: %w", ErrPeer, peer, err))
+	}
+	rctx, rcancel := context.WithTimeout(ctx, 60*time.Second)
+	reply, err := recvMsg(rctx, conn)
+	rcancel()
+	if err != nil {
+		return undo(fmt.Errorf("%w: %s did not answer: %w", ErrPeer, peer, err))
+	}
+	if reply.Op != opReady {
+		return undo(fmt.Errorf("%w: %s refused to protect %s: %s", ErrPeer, peer, g.name, reply.Error))
+	}
+
+	p := &protection{peer: peer, conn: conn, events: events, done: make(chan struct{})}
+	if p.region, err = memsync.OpenRegion(g.m.RAMFile(), false); err != nil {
+		return undo(err)
+	}
+	if p.tracker, err = memsync.New(ctx, memsync.Config{Kind: g.a.cfg.Tracker, PID: g.m.PID(), Region: p.region}); err != nil {
+		p.region.Close()
+		return undo(err)
+	}
+	cfg := lockstep.PrimaryConfig{
+		QMP: c, RAM: p.region, Tracker: p.tracker, Conn: conn,
+		Policy: g.a.cfg.Policy, Logger: g.a.log.With("vm", g.name),
+	}
+	if len(g.dev.disks) == 1 {
+		de := g.dev.disks[0]
+		cfg.Block, cfg.BlockEvents = de.ex.Log, events
+		p.diskSync = initsync.New(de.ex.Log, de.ex.Image, initsync.Options{})
+		cfg.DiskSync = p.diskSync.Run
+	}
+	if len(g.dev.nics) > 0 {
+		cfg.Output = output{nics: g.dev.nics}
+	}
+	if p.prim, err = lockstep.NewPrimary(cfg); err != nil {
+		p.tracker.Close()
+		p.region.Close()
+		return undo(err)
+	}
+	runCtx, runCancel := context.WithCancel(context.Background())
+	p.cancel = runCancel
+	g.mu.Lock()
+	g.prot, g.peer = p, peer
+	g.mu.Unlock()
+	g.setState(StateSyncing, "paired with "+peer)
+	go conn.watch(runCtx, g.a.cfg.PeerTimeout, func(s time.Duration) {
+		g.a.log.Warn("replication link silent", "vm", g.name, "peer", peer, "silence", s)
+	})
+	go g.runProtection(runCtx, p)
+	return nil
+}
+
+func peerAddr(peer string) string {
+	if _, _, err := splitHostPort(peer); err == nil {
+		return peer
+	}
+	return peer + ":" + DefaultPeerPort
+}
+
+// runProtection runs the coordinator; when it ends without a handover the
+// guest goes on alone: degraded, its held output released.
+func (g *guest) runProtection(ctx context.Context, p *protection) {
+	go func() {
+		// syncing → protected once the secondary holds a checkpoint.
+		t := time.NewTicker(20 * time.Millisecond)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+				if p.prim.Stats().Checkpoints > 0 {
+					g.setState(StateProtected, "first checkpoint committed on "+p.peer)
+					return
+				}
+			}
+		}
+	}()
+	err := p.prim.Run(ctx)
+	p.err = err
+	g.mu.Lock()
+	handover := p.handover
+	g.mu.Unlock()
+	if !handover {
+		g.degrade(p, err)
+	}
+	close(p.done)
+}
+
+// degrade ends a protection that failed: output flows again, the disk's
+// events are discarded, the guest keeps running.
+func (g *guest) degrade(p *protection, err error) {
+	g.dev.passthrough(true)
+	g.dev.stream(nil)
+	drain(p.events)
+	p.cancel()
+	p.conn.Close()
+	p.tracker.Close()
+	p.region.Close()
+	g.mu.Lock()
+	if g.prot == p {
+		g.prot = nil
+	}
+	st := g.state
+	stopping := p.stopping
+	g.mu.Unlock()
+	if stopping || st == StateStopped || st == StateHandedOver {
+		return
+	}
+	reason := "secondary lost"
+	if err != nil {
+		reason = fmt.Sprintf("secondary lost: %v", err)
+	}
+	g.setState(StateDegraded, reason)
+}
+
+// stopProtection ends the current pairing, if any, and waits for it.
+func (g *guest) stopProtection() {
+	g.mu.Lock()
+	p := g.prot
+	g.mu.Unlock()
+	if p == nil {
+		return
+	}
+	g.mu.Lock()
+	p.stopping = true
+	g.mu.Unlock()
+	p.cancel()
+	p.conn.Close()
+	<-p.done
+}
+
+// drain empties an event pipe so a write blocked on it completes.
+func drain(p *eventlog.Pipe) {
+	if p == nil {
+		return
+	}
+	for p.Len() > 0 {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		_, err := p.Recv(ctx)
+		cancel()
+		if err != nil {
+			return
+		}
+	}
+}
+
+// failover hands the guest over to its secondary with zero loss: a final
+// checkpoint (the guest stays paused), committed and acknowledged; then the
+// peer promotes its standby and this QEMU quits.
+func (g *guest) failover(ctx context.Context) (uint64, error) {
+	g.mu.Lock()
+	p := g.prot
+	st := g.state
+	g.mu.Unlock()
+	if p == nil || st != StateProtected {
+		return 0, fmt.Errorf("%w: %s is %s; a planned failover needs a protected VM", ErrState, g.name, st)
+	}
+	g.mu.Lock()
+	p.handover = true
+	g.mu.Unlock()
+	n, err := p.prim.Handover(ctx)
+	if err != nil {
+		g.mu.Lock()
+		p.handover = false
+		g.mu.Unlock()
+		return 0, fmt.Errorf("final checkpoint: %w", err)
+	}
+	<-p.done // the coordinator has stopped; the link is ours again
+	if err := sendMsg(ctx, p.conn, message{Op: opHandover, VM: g.name, Epoch: n}); err != nil {
+		g.resumeAlone(p, err)
+		return 0, fmt.Errorf("%w: tell %s to take over: %w", ErrPeer, p.peer, err)
+	}
+	rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	reply, err := recvMsg(rctx, p.conn)
+	cancel()
+	if err == nil && reply.Op != opPromoted {
+		err = fmt.Errorf("%w: %s answered %q: %s", ErrPeer, p.peer, reply.Op, reply.Error)
+	}
+	if err != nil {
+		// The peer may or may not have taken over; resuming here could
+		// make two copies run. Stay paused and say so.
+		g.setState(StateDegraded, fmt.Sprintf("handover to %s unconfirmed, guest left paused: %v", p.peer, err))
+		return n, err
+	}
+	g.setState(StateHandedOver, fmt.Sprintf("running on %s since epoch %d", p.peer, n))
+	p.conn.Close()
+	p.tracker.Close()
+	p.region.Close()
+	g.dev.stream(nil)
+	qctx, qcancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer qcancel()
+	g.m.Stop(qctx)
+	g.dev.close()
+	g.m.Close()
+	// The record stays (state handed-over, serial log kept) until the VM
+	// is stopped here or comes back as a replica.
+	return n, nil
+}
+
+// resumeAlone is the way back when a handover could not even be announced:
+// the peer cannot have taken over, so the guest resumes here, degraded.
+func (g *guest) resumeAlone(p *protection, err error) {
+	p.conn.Close()
+	p.tracker.Close()
+	p.region.Close()
+	g.dev.passthrough(true)
+	g.dev.stream(nil)
+	drain(p.events)
+	g.m.QMP().Cont(context.Background())
+	g.mu.Lock()
+	g.prot = nil
+	g.mu.Unlock()
+	g.setState(StateDegraded, fmt.Sprintf("handover failed, running here alone: %v", err))
+}
+
+// unpair stops protecting the guest (it keeps running, unprotected).
+func (g *guest) unpair() error {
+	g.mu.Lock()
+	p := g.prot
+	g.mu.Unlock()
+	if p == nil {
+		return fmt.Errorf("%w: %s is not paired", ErrState, g.name)
+	}
+	g.stopProtection()
+	g.peer = ""
+	g.setState(StateUnprotected, "unpaired")
+	return nil
+}
+
+// stop shuts the guest down and releases everything.
+func (g *guest) stop(ctx context.Context) error {
+	g.mu.Lock()
+	gone := g.state == StateHandedOver
+	g.mu.Unlock()
+	if gone {
+		g.a.forget(g.name)
+		return nil
+	}
+	g.setState(StateStopped, "stopped by request")
+	g.stopProtection()
+	qctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	err := g.m.Stop(qctx)
+	g.m.Close()
+	g.dev.close()
+	os.RemoveAll(g.dir)
+	for _, f := range g.extra {
+		os.Remove(f)
+	}
+	g.a.forget(g.name)
+	return err
+}
+
+// status reports the guest's state and figures.
+func (g *guest) status() VMStatus {
+	g.mu.Lock()
+	s := VMStatus{Name: g.name, Role: RolePrimary, State: g.state, Peer: g.peer, Reason: g.reason, Since: g.since,
+		Accel: g.m.Accel()}
+	select {
+	case <-g.m.Exited():
+	default:
+		s.PID = g.pid()
+	}
+	p := g.prot
+	g.mu.Unlock()
+	if p == nil {
+		return s
+	}
+	st := p.prim.Stats()
+	s.Epoch, s.Sent, s.Checkpoints = st.Acked, st.Sent, st.Checkpoints
+	s.LastPause, s.PauseP50, s.PauseP99, s.Lag = st.LastPause, st.PauseP50, st.PauseP99, st.LastAckLatency
+	s.WireBytes = st.WireBytes
+	s.EpochRate, s.BytesPerSecond = g.rate.update(st.Acked, st.WireBytes)
+	if st.Err != nil {
+		s.Error = st.Err.Error()
+	}
+	if st.Checkpoints == 0 {
+		sp := &SyncProgress{MemoryBytes: st.Sync.BytesSent, MemoryTotal: int64(g.spec.MemoryMiB) << 20, MemoryRound: st.Sync.Round, Rate: st.Sync.Rate}
+		if p.diskSync != nil {
+			dp := p.diskSync.Progress()
+			sp.DiskDone, sp.DiskTotal = dp.Done, dp.Total
+			sp.Rate += dp.Rate
+		}
+		s.Sync = sp
+	}
+	return s
+}
+
+// rateMeter turns counters into recent rates for status.
+type rateMeter struct {
+	mu     sync.Mutex
+	t      time.Time
+	epochs uint64
+	bytes  int64
+	er, br float64
+}
+
+func (r *rateMeter) update(epochs uint64, bytes int64) (float64, float64) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	now := time.Now()
+	if !r.t.IsZero() {
+		if dt := now.Sub(r.t).Seconds(); dt > 0.2 {
+			r.er = float64(epochs-r.epochs) / dt
+			r.br = float64(bytes-r.bytes) / dt
+		} else {
+			return r.er, r.br
+		}
+	}
+	r.t, r.epochs, r.bytes = now, epochs, bytes
+	return r.er, r.br
+}

@@ -1,0 +1,175 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/ftctl/ftctl/pkg/blockreplay/eventlog"
+	"github.com/ftctl/ftctl/pkg/lockstep/wire"
+	"github.com/ftctl/ftctl/pkg/vm"
+)
+
+// Arbiter decides whether a secondary that lost its primary may promote:
+// only when the primary is really gone, never when just the replication
+// link broke (DESIGN.md invariant 4).
+type Arbiter interface {
+	MayPromote(ctx context.Context, v ArbiterQuery) (ok bool, reason string, err error)
+}
+
+// ArbiterQuery is what an arbiter knows about the VM in question.
+type ArbiterQuery struct {
+	VM    string
+	Probe ProbeSpec
+}
+
+// ProbeSpec says how a client reaches the VM on its LAN, for the
+// client-oriented probe: if the VM still answers there, its primary lives.
+type ProbeSpec struct {
+	Addrs    []string `json:"addrs,omitempty"`     // the VM's IP addresses
+	TCPPorts []int    `json:"tcp_ports,omitempty"` // services to try
+}
+
+// Control messages between agents travel in wire.TypeControl frames.
+const (
+	opProtect  = "protect"  // primary → secondary: prepare a replica and a standby
+	opReady    = "ready"    // secondary → primary: go ahead
+	opRefused  = "refused"  // secondary → primary: cannot protect (Error says why)
+	opHandover = "handover" // primary → secondary: take over at Epoch (planned)
+	opPromoted = "promoted" // secondary → primary: the VM runs here now
+)
+
+type message struct {
+	Op    string    `json:"op"`
+	VM    string    `json:"vm,omitempty"`
+	Spec  *vm.Spec  `json:"spec,omitempty"`
+	Disks []int64   `json:"disks,omitempty"` // disk sizes in bytes
+	Probe ProbeSpec `json:"probe,omitempty"`
+	// LogEpoch/LogSeq: where the primary's disk event log stands, so the
+	// replayer starts in step with it.
+	LogEpoch uint64 `json:"log_epoch,omitempty"`
+	LogSeq   uint64 `json:"log_seq,omitempty"`
+	Epoch    uint64 `json:"epoch,omitempty"`
+	Error    string `json:"error,omitempty"`
+	From     string `json:"from,omitempty"`
+}
+
+func sendMsg(ctx context.Context, c wire.Conn, m message) error {
+	b, err := json.Marshal(m)
+	if err != nil {
+		return err
+	}
+	return c.Send(ctx, wire.Frame{Type: wire.TypeControl, Payload: b})
+}
+
+// recvMsg waits for the next control message, skipping heartbeats.
+func recvMsg(ctx context.Context, c wire.Conn) (message, error) {
+	for {
+		f, err := c.Recv(ctx)
+		if err != nil {
+			return message{}, err
+		}
+		switch f.Type {
+		case wire.TypeHeartbeat, wire.TypeAck:
+			continue
+		case wire.TypeControl:
+			return decodeMsg(f.Payload)
+		default:
+			return message{}, fmt.Errorf("%w: expected a control message, got a %v frame", ErrPeer, f.Type)
+		}
+	}
+}
+
+func decodeMsg(b []byte) (message, error) {
+	var m message
+	if err := json.Unmarshal(b, &m); err != nil {
+		return m, fmt.Errorf("%w: malformed control message: %v", ErrPeer, err)
+	}
+	if m.Op == "" {
+		return m, fmt.Errorf("%w: control message without op", ErrPeer)
+	}
+	return m, nil
+}
+
+// watchedConn notes when anything last arrived on a link, so a watchdog
+// can declare a silent link dead: a peer host that vanished leaves a TCP
+// connection hanging, not closed. Only time spent waiting in Recv counts as
+// silence: while this side is busy (a long commit), the peer is not silent,
+// we are just not listening.
+type watchedConn struct {
+	wire.Conn
+	last    atomic.Int64 // unix ns of the last frame received
+	waiting atomic.Int64 // unix ns when the current Recv started; 0 outside Recv
+}
+
+func newWatchedConn(c wire.Conn) *watchedConn {
+	w := &watchedConn{Conn: c}
+	w.last.Store(time.Now().UnixNano())
+	return w
+}
+
+func (w *watchedConn) Recv(ctx context.Context) (wire.Frame, error) {
+	w.waiting.Store(time.Now().UnixNano())
+	f, err := w.Conn.Recv(ctx)
+	w.waiting.Store(0)
+	if err == nil {
+		w.last.Store(time.Now().UnixNano())
+	}
+	return f, err
+}
+
+// silence is how long a Recv has been waiting with nothing arriving.
+func (w *watchedConn) silence() time.Duration {
+	start := w.waiting.Load()
+	if start == 0 {
+		return 0
+	}
+	return time.Since(time.Unix(0, max(start, w.last.Load())))
+}
+
+// watch closes the link when it stays silent for timeout, and reports it.
+func (w *watchedConn) watch(ctx context.Context, timeout time.Duration, lost func(time.Duration)) {
+	t := time.NewTicker(timeout / 10)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			if s := w.silence(); s > timeout {
+				lost(s)
+				w.Close()
+				return
+			}
+		}
+	}
+}
+
+// switchSink is the event sink of a disk export: it discards events while
+// the VM is unprotected (there is no replica to keep in step; pairing
+// starts with a full copy) and forwards them to the replication stream
+// while protected. Switch it only while the VM is paused, so no write is
+// in flight.
+type switchSink struct {
+	mu   sync.Mutex
+	dest eventlog.Sink
+}
+
+func (s *switchSink) Send(ctx context.Context, r eventlog.Record) error {
+	s.mu.Lock()
+	d := s.dest
+	s.mu.Unlock()
+	if d == nil {
+		return nil
+	}
+	return d.Send(ctx, r)
+}
+
+func (s *switchSink) set(d eventlog.Sink) {
+	s.mu.Lock()
+	s.dest = d
+	s.mu.Unlock()
+}

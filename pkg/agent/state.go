@@ -1,0 +1,122 @@
+package agent
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/ftctl/ftctl/pkg/vm"
+)
+
+// Sentinel errors of the control API; the client maps HTTP statuses back
+// to them so the CLI can say what to do.
+var (
+	ErrNotFound   = errors.New("no such VM")
+	ErrExists     = errors.New("VM already exists")
+	ErrState      = errors.New("operation not possible in the VM's current state")
+	ErrBadRequest = errors.New("bad request")
+	ErrPeer       = errors.New("peer agent refused or unreachable")
+)
+
+// State is a VM's protection state as the user sees it.
+type State string
+
+// States.
+const (
+	StateUnprotected State = "unprotected" // running here, no replica
+	StateSyncing     State = "syncing"     // initial copy to the secondary
+	StateProtected   State = "protected"   // checkpoints committing on the secondary
+	StateDegraded    State = "degraded"    // the secondary was lost; running alone
+	StateHandedOver  State = "handed-over" // moved to the peer by a planned switchover
+	StateStandby     State = "standby"     // replica of a peer's VM, ready to take over
+	StatePromoted    State = "promoted"    // took over from a dead or departing primary
+	StateStopped     State = "stopped"
+)
+
+// Role says whether this host runs the VM or holds its replica.
+type Role string
+
+// Roles.
+const (
+	RolePrimary   Role = "primary"
+	RoleSecondary Role = "secondary"
+)
+
+// VMStatus is what `ftctl status` shows for one VM.
+type VMStatus struct {
+	Name   string    `json:"name"`
+	Role   Role      `json:"role"`
+	State  State     `json:"state"`
+	Peer   string    `json:"peer,omitempty"`
+	Reason string    `json:"reason,omitempty"` // why the last state change happened
+	Since  time.Time `json:"since"`
+
+	PID   int    `json:"pid,omitempty"`
+	Accel string `json:"accel,omitempty"`
+
+	// Replication figures (primary side).
+	Epoch          uint64        `json:"epoch,omitempty"` // last acknowledged (primary) / committed (secondary)
+	Sent           uint64        `json:"sent,omitempty"`
+	Checkpoints    uint64        `json:"checkpoints,omitempty"`
+	EpochRate      float64       `json:"epoch_rate,omitempty"` // acknowledged epochs per second, recent
+	LastPause      time.Duration `json:"last_pause,omitempty"`
+	PauseP50       time.Duration `json:"pause_p50,omitempty"`
+	PauseP99       time.Duration `json:"pause_p99,omitempty"`
+	Lag            time.Duration `json:"lag,omitempty"` // pause start .. ACK, last epoch
+	BytesPerSecond float64       `json:"bytes_per_second,omitempty"`
+	WireBytes      int64         `json:"wire_bytes,omitempty"`
+	Sync           *SyncProgress `json:"sync,omitempty"`
+	Error          string        `json:"error,omitempty"`
+}
+
+// SyncProgress is the initial synchronisation's advance.
+type SyncProgress struct {
+	MemoryBytes int64   `json:"memory_bytes"`
+	MemoryTotal int64   `json:"memory_total"`
+	MemoryRound int     `json:"memory_round"`
+	DiskDone    int64   `json:"disk_done"`
+	DiskTotal   int64   `json:"disk_total"`
+	Rate        float64 `json:"rate"` // bytes/s, memory and disk together
+}
+
+// record is what the agent keeps on disk about a VM, so a restarted agent
+// knows what it was doing.
+type record struct {
+	Name  string  `json:"name"`
+	Role  Role    `json:"role"`
+	State State   `json:"state"`
+	Peer  string  `json:"peer,omitempty"`
+	Spec  vm.Spec `json:"spec"`
+	PID   int     `json:"pid,omitempty"`
+}
+
+func (a *Agent) recordPath(name string) string {
+	return filepath.Join(a.cfg.StateDir, "vms", name+".json")
+}
+
+// saveRecord writes a VM's record atomically.
+func (a *Agent) saveRecord(r record) error {
+	p := a.recordPath(r.Name)
+	if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
+		return err
+	}
+	b, err := json.MarshalIndent(r, "", "  ")
+	if err != nil {
+		return err
+	}
+	tmp := p + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, p); err != nil {
+		return fmt.Errorf("save state of %s: %w", r.Name, err)
+	}
+	return nil
+}
+
+func (a *Agent) removeRecord(name string) {
+	os.Remove(a.recordPath(name))
+}

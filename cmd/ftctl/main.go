@@ -38,15 +38,17 @@ func newApp() *cli.Command {
 (device state through QEMU migration, memory through a shared RAM file, disk
 writes as an event log), and resumes it there when the primary host dies.
 
-At this stage it can run a guest from a spec (ftctl vm run) and demonstrate
-the checkpoint/restore primitive everything else is built on (ftctl demo).`,
+Run 'ftctl agent' on every KVM host; then 'ftctl start' a VM under it,
+'ftctl pair VM OTHER-HOST' to protect it, and 'ftctl status' to watch.`,
 		Version:         versionString(),
 		HideHelpCommand: true,
-		Commands: []*cli.Command{
+		Commands: append([]*cli.Command{
 			versionCommand(),
+			agentCommand(),
+			certCommand(),
 			vmCommand(),
 			demoCommand(),
-		},
+		}, vmOpsCommands()...),
 	}
 }
 

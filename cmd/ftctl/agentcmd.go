@@ -1,0 +1,419 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/urfave/cli/v3"
+
+	"github.com/ftctl/ftctl/pkg/agent"
+	"github.com/ftctl/ftctl/pkg/lockstep"
+	"github.com/ftctl/ftctl/pkg/lockstep/wire"
+	"github.com/ftctl/ftctl/pkg/memsync"
+	"github.com/ftctl/ftctl/pkg/vm"
+)
+
+const defaultSocket = "/run/ftctl/agent.sock"
+
+func socketFlag() cli.Flag {
+	return &cli.StringFlag{Name: "socket", Value: defaultSocket, Sources: cli.EnvVars("FTCTL_SOCKET"), Usage: "control socket of the local agent"}
+}
+
+func client(cmd *cli.Command) *agent.Client { return agent.NewClient(cmd.String("socket")) }
+
+// explain turns an agent error into one that says what to do.
+func explain(err error) error {
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, agent.ErrNotFound):
+		return fmt.Errorf("%w (ftctl status lists the VMs this agent knows)", err)
+	case errors.Is(err, agent.ErrPeer):
+		return fmt.Errorf("%w (is `ftctl agent --listen` running there, reachable, and using credentials from the same `ftctl cert init`?)", err)
+	}
+	return err
+}
+
+func agentCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "agent",
+		Usage: "run the ftctl agent of this host (foreground; see contrib/ftctl-agent.service)",
+		Description: `The agent runs the VMs this host protects and the replicas it keeps for
+peers. Start one on every KVM host. Peers authenticate each other with
+certificates from one 'ftctl cert init' (or with a pre-shared key file).
+
+Failure handling: a replication link silent for --peer-timeout is dead. The
+primary then runs on alone (degraded). The secondary asks its arbiter: with
+--arbiter probe it checks whether the VM still answers on the LAN (ARP on
+--probe-interface, ICMP, TCP to the VM's --probe-port services); an answer
+means only the link broke, so it does not promote. With --arbiter none it
+never promotes on its own (planned failovers still work).`,
+		Flags: []cli.Flag{
+			socketFlag(),
+			&cli.StringFlag{Name: "name", Usage: "this host's name (default: hostname)"},
+			&cli.StringFlag{Name: "state-dir", Value: "/var/lib/ftctl", Usage: "state that survives restarts"},
+			&cli.StringFlag{Name: "run-dir", Value: "/run/ftctl", Usage: "sockets and per-run files"},
+			&cli.StringFlag{Name: "ram-dir", Usage: "guest and replica RAM files (default /dev/shm)"},
+			&cli.StringFlag{Name: "listen", Usage: "accept replication links on `HOST:PORT` (port " + agent.DefaultPeerPort + " by convention)"},
+			&cli.StringFlag{Name: "ca", Usage: "pair CA certificate (from ftctl cert init)"},
+			&cli.StringFlag{Name: "cert", Usage: "this host's certificate (from ftctl cert issue)"},
+			&cli.StringFlag{Name: "key", Usage: "this host's private key"},
+			&cli.StringFlag{Name: "psk-file", Usage: "pre-shared key file instead of certificates (ftctl cert psk)"},
+			&cli.StringFlag{Name: "bridge", Usage: "bridge the VMs' taps join"},
+			&cli.DurationFlag{Name: "peer-timeout", Value: time.Second, Usage: "a replication link silent this long is dead"},
+			&cli.StringFlag{Name: "policy", Value: "io", Usage: "checkpoint trigger: io (on guest output) or periodic"},
+			&cli.DurationFlag{Name: "min-interval", Value: lockstep.DefaultMinInterval, Usage: "io policy: least time between checkpoints"},
+			&cli.DurationFlag{Name: "max-interval", Value: lockstep.DefaultMaxInterval, Usage: "io policy: most time between checkpoints"},
+			&cli.DurationFlag{Name: "period", Value: lockstep.DefaultPeriod, Usage: "periodic policy: time between checkpoints"},
+			&cli.StringFlag{Name: "tracker", Value: "auto", Usage: "dirty-page tracker: auto, soft-dirty or shadow"},
+			&cli.StringFlag{Name: "arbiter", Value: "probe", Usage: "who decides a failover: probe or none"},
+			&cli.StringFlag{Name: "probe-interface", Usage: "LAN interface for ARP probes (default: --bridge)"},
+			&cli.BoolFlag{Name: "promote-on-silence", Value: true, Usage: "probe arbiter: promote when the VM does not answer on the LAN"},
+			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error"},
+		},
+		Action: runAgent,
+	}
+}
+
+func agentConfig(cmd *cli.Command) (agent.Config, error) {
+	var lvl slog.Level
+	if err := lvl.UnmarshalText([]byte(cmd.String("log-level"))); err != nil {
+		return agent.Config{}, cli.Exit(fmt.Sprintf("--log-level: %v", err), 2)
+	}
+	cfg := agent.Config{
+		Name: cmd.String("name"), StateDir: cmd.String("state-dir"), RunDir: cmd.String("run-dir"),
+		RAMDir: cmd.String("ram-dir"), ControlSocket: cmd.String("socket"), PeerAddr: cmd.String("listen"),
+		Bridge: cmd.String("bridge"), PeerTimeout: cmd.Duration("peer-timeout"),
+		Policy: lockstep.Policy{Mode: lockstep.Mode(cmd.String("policy")), MinInterval: cmd.Duration("min-interval"),
+			MaxInterval: cmd.Duration("max-interval"), Period: cmd.Duration("period")},
+		Logger: slog.New(slog.NewTextHandler(cmd.Root().ErrWriter, &slog.HandlerOptions{Level: lvl})),
+	}
+	if err := cfg.Policy.WithDefaults().Validate(); err != nil {
+		return cfg, cli.Exit(err.Error(), 2)
+	}
+	kind, err := memsync.ParseKind(cmd.String("tracker"))
+	if err != nil {
+		return cfg, cli.Exit("--tracker: "+err.Error(), 2)
+	}
+	cfg.Tracker = kind
+	switch {
+	case cmd.String("psk-file") != "":
+		key, err := wire.ReadPSKFile(cmd.String("psk-file"))
+		if err != nil {
+			return cfg, err
+		}
+		name := cfg.Name
+		if name == "" {
+			name, _ = os.Hostname()
+		}
+		if cfg.Credentials, err = wire.CredentialsFromPSK(name, key); err != nil {
+			return cfg, err
+		}
+	case cmd.String("ca") != "" || cmd.String("cert") != "" || cmd.String("key") != "":
+		if cfg.Credentials, err = wire.CredentialsFromFiles(cmd.String("ca"), cmd.String("cert"), cmd.String("key")); err != nil {
+			return cfg, fmt.Errorf("credentials: %w (all of --ca, --cert and --key are needed)", err)
+		}
+	}
+	switch cmd.String("arbiter") {
+	case "none":
+	case "probe":
+		iface := cmd.String("probe-interface")
+		if iface == "" {
+			iface = cfg.Bridge
+		}
+		cfg.Arbiter = agent.ProbeArbiter{Interface: iface, SilenceMeansDead: cmd.Bool("promote-on-silence")}
+	default:
+		return cfg, cli.Exit(fmt.Sprintf("--arbiter %q: want probe or none", cmd.String("arbiter")), 2)
+	}
+	return cfg, nil
+}
+
+func runAgent(ctx context.Context, cmd *cli.Command) error {
+	if os.Geteuid() != 0 {
+		return cli.Exit("ftctl agent must run as root (it creates taps and maps guest memory)", 1)
+	}
+	cfg, err := agentConfig(cmd)
+	if err != nil {
+		return err
+	}
+	a, err := agent.New(cfg)
+	if err != nil {
+		return err
+	}
+	return a.Run(ctx)
+}
+
+func vmOpsCommands() []*cli.Command {
+	return []*cli.Command{
+		{
+			Name:      "start",
+			Usage:     "ask the local agent to run a VM from a spec file",
+			ArgsUsage: " ",
+			Description: `The agent serves the VM's raw disk images over NBD (so it sees every
+write) and connects its NICs through its output buffer. Leave the NICs'
+backends empty in the spec; give the VM's LAN address with --probe-addr
+so a secondary can check, before taking over, whether the VM still answers.`,
+			Flags: []cli.Flag{socketFlag(),
+				&cli.StringFlag{Name: "spec", Required: true, Usage: "JSON VM spec `FILE`"},
+				&cli.StringSliceFlag{Name: "probe-addr", Usage: "the VM's LAN address (repeatable)"},
+				&cli.IntSliceFlag{Name: "probe-port", Usage: "a TCP service of the VM (repeatable)"},
+			},
+			Action: func(ctx context.Context, cmd *cli.Command) error {
+				spec, err := vm.LoadSpec(cmd.String("spec"))
+				if err != nil {
+					return err
+				}
+				st, err := client(cmd).Start(ctx, agent.StartRequest{Spec: spec,
+					Probe: agent.ProbeSpec{Addrs: cmd.StringSlice("probe-addr"), TCPPorts: cmd.IntSlice("probe-port")}})
+				if err != nil {
+					return explain(err)
+				}
+				fmt.Fprintf(cmd.Root().Writer, "%s started (pid %d, %s), %s\n", st.Name, st.PID, st.Accel, st.State)
+				return nil
+			},
+		},
+		{
+			Name:      "pair",
+			Usage:     "protect a VM with the agent on another host",
+			ArgsUsage: "VM HOST[:PORT]",
+			Description: `Copies the VM's memory and disk to HOST while it runs (progress in
+ftctl status), then checkpoints it continuously; its network output waits
+for each checkpoint to be safe on HOST. The port defaults to ` + agent.DefaultPeerPort + `.`,
+			Flags: []cli.Flag{socketFlag(), &cli.BoolFlag{Name: "wait", Usage: "wait until the VM is protected, showing progress"}},
+			Action: func(ctx context.Context, cmd *cli.Command) error {
+				if cmd.Args().Len() != 2 {
+					return cli.Exit("usage: ftctl pair VM HOST[:PORT]", 2)
+				}
+				name, peer := cmd.Args().Get(0), cmd.Args().Get(1)
+				st, err := client(cmd).Pair(ctx, name, peer)
+				if err != nil {
+					return explain(err)
+				}
+				fmt.Fprintf(cmd.Root().Writer, "%s: %s with %s\n", st.Name, st.State, peer)
+				if !cmd.Bool("wait") {
+					return nil
+				}
+				return waitProtected(ctx, cmd, name)
+			},
+		},
+		{
+			Name:      "status",
+			Usage:     "show the VMs of the local agent and their protection",
+			ArgsUsage: "[VM]",
+			Flags:     []cli.Flag{socketFlag(), &cli.BoolFlag{Name: "json", Usage: "machine-readable output"}},
+			Action: func(ctx context.Context, cmd *cli.Command) error {
+				c := client(cmd)
+				var list []agent.VMStatus
+				if name := cmd.Args().First(); name != "" {
+					s, err := c.Get(ctx, name)
+					if err != nil {
+						return explain(err)
+					}
+					list = []agent.VMStatus{s}
+				} else {
+					var err error
+					if list, err = c.List(ctx); err != nil {
+						return explain(err)
+					}
+				}
+				if cmd.Bool("json") {
+					enc := json.NewEncoder(cmd.Root().Writer)
+					enc.SetIndent("", "  ")
+					return enc.Encode(list)
+				}
+				printStatus(cmd.Root().Writer, list)
+				return nil
+			},
+		},
+		{
+			Name:      "failover",
+			Usage:     "move a protected VM to its secondary now, with zero loss (planned switchover)",
+			ArgsUsage: "VM",
+			Flags:     []cli.Flag{socketFlag()},
+			Action: func(ctx context.Context, cmd *cli.Command) error {
+				if cmd.Args().Len() != 1 {
+					return cli.Exit("usage: ftctl failover VM", 2)
+				}
+				r, err := client(cmd).Failover(ctx, cmd.Args().First())
+				if err != nil {
+					return explain(err)
+				}
+				fmt.Fprintf(cmd.Root().Writer, "%s now runs on its former secondary (from checkpoint %d)\n", cmd.Args().First(), r.Epoch)
+				return nil
+			},
+		},
+		{
+			Name:      "unpair",
+			Usage:     "stop protecting a VM (it keeps running here)",
+			ArgsUsage: "VM",
+			Flags:     []cli.Flag{socketFlag()},
+			Action: func(ctx context.Context, cmd *cli.Command) error {
+				if cmd.Args().Len() != 1 {
+					return cli.Exit("usage: ftctl unpair VM", 2)
+				}
+				return explain(client(cmd).Unpair(ctx, cmd.Args().First()))
+			},
+		},
+		{
+			Name:      "stop",
+			Usage:     "shut down a VM run by the local agent",
+			ArgsUsage: "VM",
+			Flags:     []cli.Flag{socketFlag()},
+			Action: func(ctx context.Context, cmd *cli.Command) error {
+				if cmd.Args().Len() != 1 {
+					return cli.Exit("usage: ftctl stop VM", 2)
+				}
+				return explain(client(cmd).Stop(ctx, cmd.Args().First()))
+			},
+		},
+	}
+}
+
+func waitProtected(ctx context.Context, cmd *cli.Command, name string) error {
+	c := client(cmd)
+	w := cmd.Root().ErrWriter
+	for {
+		s, err := c.Get(ctx, name)
+		if err != nil {
+			return explain(err)
+		}
+		switch s.State {
+		case agent.StateProtected:
+			fmt.Fprintf(w, "\r%s: protected (checkpoint %d)%s\n", name, s.Epoch, strings.Repeat(" ", 30))
+			return nil
+		case agent.StateDegraded, agent.StateStopped, agent.StateUnprotected:
+			return fmt.Errorf("%s is %s: %s", name, s.State, s.Reason)
+		}
+		if s.Sync != nil {
+			fmt.Fprintf(w, "\r%s: syncing %s", name, progressLine(s.Sync))
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
+func progressLine(p *agent.SyncProgress) string {
+	total := p.MemoryTotal + p.DiskTotal
+	done := min(p.MemoryBytes, p.MemoryTotal) + p.DiskDone
+	pct := 0.0
+	if total > 0 {
+		pct = 100 * float64(done) / float64(total)
+	}
+	bar := int(pct / 5)
+	return fmt.Sprintf("[%s%s] %5.1f%% %.1f MiB/s", strings.Repeat("#", bar), strings.Repeat(".", 20-bar), pct, p.Rate/(1<<20))
+}
+
+func printStatus(w io.Writer, list []agent.VMStatus) {
+	if len(list) == 0 {
+		fmt.Fprintln(w, "no VMs")
+		return
+	}
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "VM\tROLE\tSTATE\tPEER\tEPOCH\tEPOCHS/S\tPAUSE p50/p99\tLAG\tMB/S\tNOTE")
+	for _, s := range list {
+		note := s.Reason
+		if s.Sync != nil {
+			note = "sync " + progressLine(s.Sync)
+		}
+		if s.Error != "" {
+			note = s.Error
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%.1f\t%v/%v\t%v\t%.2f\t%s\n", s.Name, s.Role, s.State, s.Peer, s.Epoch, s.EpochRate,
+			s.PauseP50.Round(100*time.Microsecond), s.PauseP99.Round(100*time.Microsecond), s.Lag.Round(100*time.Microsecond),
+			s.BytesPerSecond/1e6, note)
+	}
+	tw.Flush()
+}
+
+func certCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "cert",
+		Usage: "make credentials for replication links",
+		Description: `Both agents of a pair must trust each other. Either:
+  ftctl cert init --dir DIR                 # once: a CA for your hosts
+  ftctl cert issue --dir DIR host-a --host 10.0.0.1
+  ftctl cert issue --dir DIR host-b --host 10.0.0.2
+then copy DIR/ca.pem and each host's NAME.pem / NAME-key.pem to it and start
+  ftctl agent --ca ca.pem --cert NAME.pem --key NAME-key.pem --listen :7480
+or, simpler: ftctl cert psk FILE, copy FILE (mode 0600) to both hosts and use
+--psk-file FILE.`,
+		Commands: []*cli.Command{
+			{
+				Name:  "init",
+				Usage: "create a CA for a set of hosts",
+				Flags: []cli.Flag{&cli.StringFlag{Name: "dir", Required: true}, &cli.StringFlag{Name: "name", Value: "ftctl"}},
+				Action: func(ctx context.Context, cmd *cli.Command) error {
+					dir := cmd.String("dir")
+					if _, err := os.Stat(filepath.Join(dir, "ca.pem")); err == nil {
+						return cli.Exit(fmt.Sprintf("%s already holds a CA; refusing to overwrite it", dir), 1)
+					}
+					if err := os.MkdirAll(dir, 0o700); err != nil {
+						return err
+					}
+					ca, err := wire.NewCA(cmd.String("name"))
+					if err != nil {
+						return err
+					}
+					if err := ca.Save(filepath.Join(dir, "ca.pem"), filepath.Join(dir, "ca-key.pem")); err != nil {
+						return err
+					}
+					fmt.Fprintf(cmd.Root().Writer, "CA written to %s (keep ca-key.pem private)\n", dir)
+					return nil
+				},
+			},
+			{
+				Name:      "issue",
+				Usage:     "issue a host certificate",
+				ArgsUsage: "NAME",
+				Flags:     []cli.Flag{&cli.StringFlag{Name: "dir", Required: true}, &cli.StringSliceFlag{Name: "host", Usage: "address or DNS name of the host (repeatable)"}},
+				Action: func(ctx context.Context, cmd *cli.Command) error {
+					name := cmd.Args().First()
+					if name == "" || cmd.Args().Len() != 1 {
+						return cli.Exit("usage: ftctl cert issue --dir DIR NAME [--host ADDR]", 2)
+					}
+					dir := cmd.String("dir")
+					ca, err := wire.LoadCAFiles(filepath.Join(dir, "ca.pem"), filepath.Join(dir, "ca-key.pem"))
+					if err != nil {
+						return fmt.Errorf("%w (run ftctl cert init --dir %s first)", err, dir)
+					}
+					cert, key, err := ca.Issue(name, cmd.StringSlice("host"))
+					if err != nil {
+						return err
+					}
+					if err := wire.SaveKeyPair(filepath.Join(dir, name+".pem"), filepath.Join(dir, name+"-key.pem"), cert, key); err != nil {
+						return err
+					}
+					fmt.Fprintf(cmd.Root().Writer, "%s.pem and %s-key.pem written to %s\n", name, name, dir)
+					return nil
+				},
+			},
+			{
+				Name:      "psk",
+				Usage:     "write a new pre-shared key file (mode 0600)",
+				ArgsUsage: "FILE",
+				Action: func(ctx context.Context, cmd *cli.Command) error {
+					if cmd.Args().Len() != 1 {
+						return cli.Exit("usage: ftctl cert psk FILE", 2)
+					}
+					key, err := wire.NewPSK()
+					if err != nil {
+						return err
+					}
+					return wire.WritePSKFile(cmd.Args().First(), key)
+				},
+			},
+		},
+	}
+}

@@ -1,0 +1,83 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"strings"
+	"time"
+
+	"github.com/ftctl/ftctl/pkg/failover"
+)
+
+// ProbeArbiter is the seed's client-oriented failure detector: before a
+// secondary promotes, it asks the VM's LAN whether the VM still answers
+// (ARP on the LAN interface, ICMP, TCP to its service ports). An answer
+// means the primary runs and only the replication link broke: no
+// promotion. Silence means the primary is dead when SilenceMeansDead is
+// set; otherwise the Witness (if any) decides, and without one the answer
+// is the safe one: do not promote.
+type ProbeArbiter struct {
+	// Interface on the VM's LAN for ARP probes (the bridge the VM taps
+	// join); empty skips ARP.
+	Interface string
+	// SilenceMeansDead: a probe that ran and heard nothing decides Promote.
+	SilenceMeansDead bool
+	// Witness, if set, decides when the probe cannot (a lease holder).
+	Witness failover.Arbiter
+	// Timeout of the probe (default failover.DefaultProbeTimeout).
+	Timeout time.Duration
+}
+
+// MayPromote implements Arbiter.
+func (p ProbeArbiter) MayPromote(ctx context.Context, q ArbiterQuery) (bool, string, error) {
+	var probes failover.MultiProbe
+	for _, s := range q.Probe.Addrs {
+		addr, err := netip.ParseAddr(s)
+		if err != nil {
+			return false, "", fmt.Errorf("%w: probe address %q: %v", ErrBadRequest, s, err)
+		}
+		icmp, err := failover.NewICMPProbe(failover.ICMPProbeConfig{Addr: addr, Timeout: p.Timeout})
+		if err != nil {
+			return false, "", err
+		}
+		probes = append(probes, icmp)
+		if len(q.Probe.TCPPorts) > 0 {
+			var ports []uint16
+			for _, port := range q.Probe.TCPPorts {
+				ports = append(ports, uint16(port))
+			}
+			tcp, err := failover.NewTCPProbe(failover.TCPProbeConfig{Addr: addr, Ports: ports, Timeout: p.Timeout})
+			if err != nil {
+				return false, "", err
+			}
+			probes = append(probes, tcp)
+		}
+		if p.Interface != "" {
+			arp, err := failover.NewARPProbe(failover.ARPProbeConfig{Addr: addr, Interface: p.Interface, Timeout: p.Timeout})
+			if err != nil {
+				return false, "", err
+			}
+			probes = append(probes, arp)
+		}
+	}
+	var chain failover.Chain
+	var notes []string
+	chain.Report = func(i int, d failover.Decision, err error) {
+		n := fmt.Sprintf("arbiter %d: %v", i, d)
+		if err != nil {
+			n += fmt.Sprintf(" (%v)", err)
+		}
+		notes = append(notes, n)
+	}
+	if len(probes) > 0 {
+		chain.Arbiters = append(chain.Arbiters, failover.ProbeArbiter{Probe: probes, SilenceMeansDead: p.SilenceMeansDead})
+	} else {
+		notes = append(notes, "no probe address configured for the VM")
+	}
+	if p.Witness != nil {
+		chain.Arbiters = append(chain.Arbiters, p.Witness)
+	}
+	d, err := chain.Decide(ctx, failover.Evidence{VM: q.VM})
+	return d == failover.Promote, strings.Join(notes, "; "), err
+}

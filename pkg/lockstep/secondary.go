@@ -11,6 +11,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/ftctl/ftctl/internal/fsutil"
 	"github.com/ftctl/ftctl/pkg/blockreplay/eventlog"
 	"github.com/ftctl/ftctl/pkg/blockreplay/replay"
 	"github.com/ftctl/ftctl/pkg/checkpoint"
@@ -121,6 +122,10 @@ func (s *Secondary) prune(keep uint64) {
 	ents, _ := os.ReadDir(s.cfg.StateDir)
 	for _, d := range ents {
 		name := d.Name()
+		if strings.HasPrefix(name, ".") { // a temporary file a crash left
+			os.Remove(filepath.Join(s.cfg.StateDir, name))
+			continue
+		}
 		_, num, ok := strings.Cut(name, "-")
 		if !ok || (!strings.HasPrefix(name, "manifest-") && !strings.HasPrefix(name, "devstate-")) {
 			continue
@@ -319,12 +324,12 @@ func (s *Secondary) commit(ctx context.Context, ep *wire.Epoch) (err error) {
 			return fmt.Errorf("%w: checkpoint epoch %d lacks its device state", ErrProtocol, m.Epoch)
 		}
 		dev = f.Payload
-		if err := writeDurable(s.devPath(m.Epoch), dev); err != nil {
+		if err := fsutil.WriteFileAtomic(s.devPath(m.Epoch), dev, 0o600); err != nil {
 			return fmt.Errorf("lockstep: store device state of epoch %d: %w", m.Epoch, err)
 		}
 	}
 	mb, _ := m.MarshalBinary()
-	if err := writeDurable(s.metaPath(m.Epoch), mb); err != nil {
+	if err := fsutil.WriteFileAtomic(s.metaPath(m.Epoch), mb, 0o600); err != nil {
 		return fmt.Errorf("lockstep: store manifest of epoch %d: %w", m.Epoch, err)
 	}
 	t1 := time.Now()
@@ -351,36 +356,6 @@ func (s *Secondary) commit(ctx context.Context, ep *wire.Epoch) (err error) {
 		s.cfg.OnCommit(CommitStats{Manifest: m, Pages: pages, DevStateBytes: len(dev), Stage: t1.Sub(t0), Commit: time.Since(t1)})
 	}
 	return nil
-}
-
-// writeDurable writes b to path through a synced temporary file and a
-// synced directory, so after a crash path holds b or does not exist.
-func writeDurable(path string, b []byte) error {
-	tmp := path + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
-		return err
-	}
-	_, err = f.Write(b)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	if err != nil {
-		os.Remove(tmp)
-		return err
-	}
-	d, err := os.Open(filepath.Dir(path))
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }
 
 // Promote resumes the committed checkpoint in a standby QEMU: one started

@@ -13,6 +13,8 @@ import (
 	"strings"
 
 	"github.com/cespare/xxhash/v2"
+
+	"github.com/ftctl/ftctl/internal/fsutil"
 )
 
 // Replica is the secondary's copy of guest RAM: a file the standby QEMU
@@ -371,7 +373,7 @@ func (r *Replica) writeJournal() error {
 		err = cerr
 	}
 	if err == nil {
-		err = syncDir(filepath.Dir(r.journal))
+		err = fsutil.SyncDir(filepath.Dir(r.journal))
 	}
 	if err != nil {
 		return fmt.Errorf("memsync: write journal: %w", err)
@@ -385,11 +387,7 @@ func (r *Replica) finish(epoch uint64) error {
 	if err := r.region.Sync(); err != nil {
 		return err
 	}
-	tmp := r.state + ".tmp"
-	if err := writeFileSync(tmp, []byte(strconv.FormatUint(epoch, 10)+"\n")); err != nil {
-		return fmt.Errorf("memsync: record epoch: %w", err)
-	}
-	if err := os.Rename(tmp, r.state); err != nil {
+	if err := fsutil.WriteFileAtomic(r.state, []byte(strconv.FormatUint(epoch, 10)+"\n"), 0o600); err != nil {
 		return fmt.Errorf("memsync: record epoch: %w", err)
 	}
 	if err := removeSync(r.journal); err != nil {
@@ -414,37 +412,9 @@ func (r *Replica) Close() error {
 	return err
 }
 
-func writeFileSync(path string, b []byte) error {
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
-		return err
-	}
-	_, err = f.Write(b)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	return err
-}
-
 func removeSync(path string) error {
 	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("memsync: remove %s: %w", path, err)
 	}
-	return syncDir(filepath.Dir(path))
-}
-
-// syncDir makes a create, rename or remove in dir durable.
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil && !errors.Is(err, os.ErrInvalid) {
-		return err
-	}
-	return nil
+	return fsutil.SyncDir(filepath.Dir(path))
 }

@@ -38,6 +38,7 @@ import (
 	"strings"
 	"sync"
 
+	"github.com/ftctl/ftctl/internal/fsutil"
 	"github.com/ftctl/ftctl/pkg/blockreplay/backend"
 	"github.com/ftctl/ftctl/pkg/blockreplay/eventlog"
 )
@@ -507,38 +508,11 @@ func (r *Replayer) scan(e uint64, fn func(*eventlog.Record) error) (committed bo
 
 func (r *Replayer) writeState(s state) error {
 	b, _ := json.Marshal(s)
-	tmp := filepath.Join(r.dir, stateFile+".tmp")
-	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
-	if err != nil {
-		return fmt.Errorf("write replay state: %w", err)
-	}
-	_, err = f.Write(b)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, filepath.Join(r.dir, stateFile))
-	}
-	if err == nil {
-		err = syncDir(r.dir)
-	}
-	if err != nil {
+	if err := fsutil.WriteFileAtomic(filepath.Join(r.dir, stateFile), b, 0o600); err != nil {
 		return fmt.Errorf("write replay state: %w", err)
 	}
 	r.applied = s
 	return nil
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }
 
 // Discard drops every staged epoch that has not been committed (failover,

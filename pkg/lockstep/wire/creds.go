@@ -16,9 +16,10 @@ import (
 	"math/big"
 	"net"
 	"os"
-	"path/filepath"
 	"strings"
 	"time"
+
+	"github.com/ftctl/ftctl/internal/fsutil"
 )
 
 // Certificate lifetimes. A pair's CA outlives the certificates it issues;
@@ -195,7 +196,7 @@ func WritePSKFile(path string, key []byte) error {
 	if len(key) < MinPSKLen {
 		return fmt.Errorf("%w: pre-shared key has %d bytes, need at least %d", ErrInvalid, len(key), MinPSKLen)
 	}
-	return writeFileAtomic(path, []byte(hex.EncodeToString(key)+"\n"), 0o600)
+	return fsutil.WriteFileAtomic(path, []byte(hex.EncodeToString(key)+"\n"), 0o600)
 }
 
 func readPrivateFile(path string) ([]byte, error) {
@@ -217,31 +218,6 @@ func readPrivateFile(path string) ([]byte, error) {
 		return nil, fmt.Errorf("%w: read private key: %w", ErrInvalid, err)
 	}
 	return b, nil
-}
-
-// writeFileAtomic writes a new file with perm and renames it into place, so
-// an existing file's looser permissions never apply to the new content.
-func writeFileAtomic(path string, data []byte, perm os.FileMode) error {
-	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp*")
-	if err != nil {
-		return fmt.Errorf("wire: write %s: %w", path, err)
-	}
-	defer os.Remove(tmp.Name())
-	if err := tmp.Chmod(perm); err != nil {
-		tmp.Close()
-		return fmt.Errorf("wire: write %s: %w", path, err)
-	}
-	if _, err := tmp.Write(data); err != nil {
-		tmp.Close()
-		return fmt.Errorf("wire: write %s: %w", path, err)
-	}
-	if err := tmp.Close(); err != nil {
-		return fmt.Errorf("wire: write %s: %w", path, err)
-	}
-	if err := os.Rename(tmp.Name(), path); err != nil {
-		return fmt.Errorf("wire: write %s: %w", path, err)
-	}
-	return nil
 }
 
 // CA is a pair's certificate authority: it issues the certificates of both
@@ -348,10 +324,10 @@ func (ca *CA) Save(certPath, keyPath string) error {
 
 // SaveKeyPair writes a certificate (mode 0644) and its key (mode 0600).
 func SaveKeyPair(certPath, keyPath string, certPEM, keyPEM []byte) error {
-	if err := writeFileAtomic(keyPath, keyPEM, 0o600); err != nil {
+	if err := fsutil.WriteFileAtomic(keyPath, keyPEM, 0o600); err != nil {
 		return err
 	}
-	return writeFileAtomic(certPath, certPEM, 0o644)
+	return fsutil.WriteFileAtomic(certPath, certPEM, 0o644)
 }
 
 // CertRequest describes a certificate for CA.IssueCert.

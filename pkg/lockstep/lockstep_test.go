@@ -65,7 +65,8 @@ type pair struct {
 	prim     *lockstep.Primary
 	sec      *lockstep.Secondary
 
-	primErr, secErr chan error
+	primErr, secErr   chan error
+	primDone, secDone chan struct{} // closed when Run returned
 	cancel          context.CancelFunc
 }
 
@@ -157,7 +158,8 @@ func newPair(t testing.TB, ctx context.Context, o pairOptions) *pair {
 		o.memMiB = memMiB
 	}
 	img := testenv.Guest(t)
-	p := &pair{t: t, dir: t.TempDir(), primErr: make(chan error, 1), secErr: make(chan error, 1)}
+	p := &pair{t: t, dir: t.TempDir(), primErr: make(chan error, 1), secErr: make(chan error, 1),
+		primDone: make(chan struct{}), secDone: make(chan struct{})}
 	p.primDisk = filepath.Join(p.dir, "primary.raw")
 	p.replDisk = filepath.Join(p.dir, "replica.raw")
 	for _, d := range []string{p.primDisk, p.replDisk} {
@@ -270,9 +272,22 @@ func newPair(t testing.TB, ctx context.Context, o pairOptions) *pair {
 	}
 	rctx, cancel := context.WithCancel(ctx)
 	p.cancel = cancel
-	go func() { p.secErr <- p.sec.Run(rctx, sc) }()
-	go func() { p.primErr <- p.prim.Run(rctx) }()
-	t.Cleanup(func() { cancel(); pc.Close(); sc.Close() })
+	go func() { p.secErr <- p.sec.Run(rctx, sc); close(p.secDone) }()
+	go func() { p.primErr <- p.prim.Run(rctx); close(p.primDone) }()
+	// Registered last, so it runs first: both Runs must have returned
+	// before the replica and the region they use are closed.
+	t.Cleanup(func() {
+		cancel()
+		pc.Close()
+		sc.Close()
+		for _, ch := range []chan struct{}{p.primDone, p.secDone} {
+			select {
+			case <-ch:
+			case <-time.After(30 * time.Second):
+				t.Error("a Run did not return after cancel")
+			}
+		}
+	})
 	return p
 }
 

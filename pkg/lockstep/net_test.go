@@ -516,7 +516,7 @@ func (p *pair) shutdown() {
 		return
 	}
 	p.cancel()
-	for name, ch := range map[string]chan error{"primary": p.primErr, "secondary": p.secErr} {
+	for name, ch := range map[string]chan struct{}{"primary": p.primDone, "secondary": p.secDone} {
 		select {
 		case <-ch:
 		case <-time.After(30 * time.Second):

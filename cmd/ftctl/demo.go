@@ -6,8 +6,6 @@ import (
 	"io"
 	"os"
 	"path/filepath"
-	"regexp"
-	"strconv"
 	"time"
 
 	"github.com/urfave/cli/v3"
@@ -61,17 +59,6 @@ func (p *demoPrinter) infof(format string, a ...any) {
 	fmt.Fprintf(p.w, "    %s\n", fmt.Sprintf(format, a...))
 }
 
-var diskSeqRE = regexp.MustCompile(`ftguest disk seq=(\d+)`)
-
-func lastDiskSeq(log []byte) uint64 {
-	m := diskSeqRE.FindAllSubmatch(log, -1)
-	if len(m) == 0 {
-		return 0
-	}
-	v, _ := strconv.ParseUint(string(m[len(m)-1][1]), 10, 64)
-	return v
-}
-
 func runDemo(ctx context.Context, cmd *cli.Command) error {
 	p := &demoPrinter{w: cmd.Root().Writer}
 	kernel, initrd, base := cmd.String("kernel"), cmd.String("initrd"), "console=ttyS0 panic=-1"
@@ -122,7 +109,7 @@ func runDemo(ctx context.Context, cmd *cli.Command) error {
 	defer primary.Close()
 	p.stepf("primary QEMU started (pid %d, accel %s, %d MiB RAM in %s)", primary.PID(), primary.Accel(), spec.MemoryMiB, primary.RAMFile())
 	bootCtx, cancel := context.WithTimeout(ctx, 90*time.Second)
-	err = primary.WaitSerial(bootCtx, func(b []byte) bool { return counterlog.Last(b) >= 5 && lastDiskSeq(b) >= 2 })
+	err = primary.WaitSerial(bootCtx, func(b []byte) bool { return counterlog.Last(b) >= 5 && counterlog.LastDiskSeq(b) >= 2 })
 	cancel()
 	if err != nil {
 		return fmt.Errorf("guest did not start counting: %w", err)
@@ -156,7 +143,7 @@ func runDemo(ctx context.Context, cmd *cli.Command) error {
 		last, serialAtCk = ck, atPause
 	}
 	ckCounter := counterlog.Last(serialAtCk)
-	ckDisk := lastDiskSeq(serialAtCk)
+	ckDisk := counterlog.LastDiskSeq(serialAtCk)
 
 	time.Sleep(700 * time.Millisecond)
 	before, _ := primary.Serial()
@@ -217,8 +204,8 @@ func runDemo(ctx context.Context, cmd *cli.Command) error {
 	case verr != nil:
 		fmt.Fprintf(p.w, "disk: FAIL: %v\n", verr)
 		fail = true
-	case rep.LastSeq < lastDiskSeq(after) || rep.LastSeq <= ckDisk:
-		fmt.Fprintf(p.w, "disk: FAIL: chain ends at seq %d, guest reported seq %d\n", rep.LastSeq, lastDiskSeq(after))
+	case rep.LastSeq < counterlog.LastDiskSeq(after) || rep.LastSeq <= ckDisk:
+		fmt.Fprintf(p.w, "disk: FAIL: chain ends at seq %d, guest reported seq %d\n", rep.LastSeq, counterlog.LastDiskSeq(after))
 		fail = true
 	default:
 		fmt.Fprintf(p.w, "disk: PASS: record chain unbroken from seq %d through %d (checkpoint held seq %d; the restored guest's writes chain onto it)\n", rep.FirstSeq, rep.LastSeq, ckDisk)

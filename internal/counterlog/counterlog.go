@@ -1,5 +1,7 @@
-// Package counterlog reads the serial counter of ftctl's test guest
-// ("ftguest counter=N" once per interval) out of a console log, and checks
+// Package counterlog reads the progress lines of ftctl's test guest out of
+// its console log — the serial counter ("ftguest counter=N" once per
+// interval) and the disk writer's durable records ("ftguest disk seq=N") —
+// and checks
 // that a log stitched together from a primary and the copy restored from its
 // checkpoint counts on without a gap or a repeat: the visible proof that the
 // restored guest continued from exactly the checkpointed state.
@@ -47,6 +49,27 @@ func Last(log []byte) uint64 {
 		return 0
 	}
 	return v[len(v)-1]
+}
+
+// DiskPrefix starts the line the disk writer prints after each durable
+// record.
+const DiskPrefix = "ftguest disk seq="
+
+// LastDiskSeq returns the last durable disk record the guest reported, or
+// 0 if there is none.
+func LastDiskSeq(log []byte) uint64 {
+	var last uint64
+	for _, line := range bytes.Split(log, []byte("\n")) {
+		line = bytes.TrimRight(line, "\r")
+		i := bytes.Index(line, []byte(DiskPrefix))
+		if i < 0 {
+			continue
+		}
+		if v, err := strconv.ParseUint(string(line[i+len(DiskPrefix):]), 10, 64); err == nil {
+			last = v
+		}
+	}
+	return last
 }
 
 // Check verifies that the values count up by exactly one from the first to

@@ -42,3 +42,13 @@ func TestStitchCompletesHalfLine(t *testing.T) {
 		t.Fatal("gap not detected")
 	}
 }
+
+func TestLastDiskSeq(t *testing.T) {
+	log := []byte("ftguest disk seq=3\r\nftguest counter=9\nftguest disk seq=4\nftguest disk seq=x\nftguest disk se")
+	if got := LastDiskSeq(log); got != 4 {
+		t.Fatalf("LastDiskSeq = %d, want 4", got)
+	}
+	if got := LastDiskSeq([]byte("nothing")); got != 0 {
+		t.Fatalf("LastDiskSeq of no records = %d", got)
+	}
+}

@@ -7,12 +7,11 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
-	"strconv"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/ftctl/ftctl/internal/counterlog"
 	"github.com/ftctl/ftctl/internal/diskrec"
 	"github.com/ftctl/ftctl/pkg/blockreplay/backend"
 	"github.com/ftctl/ftctl/pkg/blockreplay/eventlog"
@@ -20,17 +19,6 @@ import (
 	"github.com/ftctl/ftctl/pkg/guestimage"
 	"github.com/ftctl/ftctl/pkg/vm"
 )
-
-var diskSeqRE = regexp.MustCompile(`(?m)^ftguest disk seq=(\d+)\r?$`)
-
-func lastDiskSeq(serial []byte) uint64 {
-	m := diskSeqRE.FindAllSubmatch(serial, -1)
-	if len(m) == 0 {
-		return 0
-	}
-	n, _ := strconv.ParseUint(string(m[len(m)-1][1]), 10, 64)
-	return n
-}
 
 // TestGuestDiskThroughNBDReplicatesPerEpoch boots the test guest under TCG
 // with its virtio-blk disk served by our NBD export; the guest appends
@@ -120,7 +108,7 @@ func TestGuestDiskThroughNBDReplicatesPerEpoch(t *testing.T) {
 	defer m.Close()
 	waitCtx, waitCancel := context.WithTimeout(ctx, 90*time.Second)
 	defer waitCancel()
-	if err := m.WaitSerial(waitCtx, func(b []byte) bool { return lastDiskSeq(b) >= 3 }); err != nil {
+	if err := m.WaitSerial(waitCtx, func(b []byte) bool { return counterlog.LastDiskSeq(b) >= 3 }); err != nil {
 		serial, _ := m.Serial()
 		t.Fatalf("guest never wrote to its disk: %v\n%s", err, serial)
 	}
@@ -154,7 +142,7 @@ func TestGuestDiskThroughNBDReplicatesPerEpoch(t *testing.T) {
 			t.Fatal(err)
 		}
 		serial, _ := m.Serial()
-		durable := lastDiskSeq(serial)
+		durable := counterlog.LastDiskSeq(serial)
 		if err := m.QMP().Cont(ctx); err != nil {
 			t.Fatal(err)
 		}
@@ -186,8 +174,8 @@ func TestGuestDiskThroughNBDReplicatesPerEpoch(t *testing.T) {
 
 	// The primary dies in the middle of an epoch: more records were
 	// written and streamed, but the epoch never ends.
-	before := lastDiskSeq(mustSerial(t, m))
-	if err := m.WaitSerial(waitCtx, func(b []byte) bool { return lastDiskSeq(b) >= before+3 }); err != nil {
+	before := counterlog.LastDiskSeq(mustSerial(t, m))
+	if err := m.WaitSerial(waitCtx, func(b []byte) bool { return counterlog.LastDiskSeq(b) >= before+3 }); err != nil {
 		t.Fatal(err)
 	}
 	m.Kill()

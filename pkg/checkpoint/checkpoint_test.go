@@ -5,8 +5,6 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
-	"regexp"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -17,17 +15,6 @@ import (
 	"github.com/ftctl/ftctl/pkg/checkpoint"
 	"github.com/ftctl/ftctl/pkg/vm"
 )
-
-var diskSeqRE = regexp.MustCompile(`ftguest disk seq=(\d+)`)
-
-func lastDiskSeq(b []byte) uint64 {
-	m := diskSeqRE.FindAllSubmatch(b, -1)
-	if len(m) == 0 {
-		return 0
-	}
-	v, _ := strconv.ParseUint(string(m[len(m)-1][1]), 10, 64)
-	return v
-}
 
 func guestSpec(t *testing.T, name string) (vm.Spec, string) {
 	img := testenv.Guest(t)
@@ -67,7 +54,7 @@ func TestCheckpointKillRestore(t *testing.T) {
 	ctx := testenv.Deadline(t, 4*time.Minute)
 	spec, disk := guestSpec(t, "ckpt")
 	primary := start(t, ctx, spec, vm.Options{})
-	if err := primary.WaitSerial(ctx, func(b []byte) bool { return counterlog.Last(b) >= 3 && lastDiskSeq(b) >= 2 }); err != nil {
+	if err := primary.WaitSerial(ctx, func(b []byte) bool { return counterlog.Last(b) >= 3 && counterlog.LastDiskSeq(b) >= 2 }); err != nil {
 		t.Fatal(err)
 	}
 	c := primary.QMP()
@@ -137,7 +124,9 @@ func TestCheckpointKillRestore(t *testing.T) {
 	if err := checkpoint.RestoreDeviceState(ctx, standby.QMP(), last.DeviceState, true); err != nil {
 		t.Fatalf("restore: %v", err)
 	}
-	if err := standby.WaitSerial(ctx, func(b []byte) bool { return counterlog.Last(b) >= ckCount+10 && lastDiskSeq(b) > lastDiskSeq(atCk)+3 }); err != nil {
+	if err := standby.WaitSerial(ctx, func(b []byte) bool {
+		return counterlog.Last(b) >= ckCount+10 && counterlog.LastDiskSeq(b) > counterlog.LastDiskSeq(atCk)+3
+	}); err != nil {
 		t.Fatal(err)
 	}
 	after, _ := standby.Serial()
@@ -160,8 +149,8 @@ func TestCheckpointKillRestore(t *testing.T) {
 	if err != nil {
 		t.Fatalf("disk after restore: %v", err)
 	}
-	if rep.LastSeq < lastDiskSeq(after) {
-		t.Fatalf("disk chain ends at %d but the restored guest reported seq %d durable", rep.LastSeq, lastDiskSeq(after))
+	if rep.LastSeq < counterlog.LastDiskSeq(after) {
+		t.Fatalf("disk chain ends at %d but the restored guest reported seq %d durable", rep.LastSeq, counterlog.LastDiskSeq(after))
 	}
 }
 

@@ -349,13 +349,27 @@ func (a *Agent) Status(name string) ([]VMStatus, error) {
 	}
 	var out []VMStatus
 	for _, g := range gs {
-		out = append(out, g.status())
+		out = append(out, withRunState(g.status(), g.m))
 	}
 	for _, r := range rs {
-		out = append(out, r.status())
+		out = append(out, withRunState(r.status(), r.standby))
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
 	return out, nil
+}
+
+// withRunState asks the VM's QEMU for its run state (briefly: a status
+// must not hang on a QEMU that stopped answering).
+func withRunState(s VMStatus, m *vm.Machine) VMStatus {
+	if m == nil || s.PID == 0 {
+		return s
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
+	defer cancel()
+	if st, err := m.QMP().QueryStatus(ctx); err == nil {
+		s.RunState = st.Status
+	}
+	return s
 }
 
 // Close stops every VM and replica this agent runs (for tests and an

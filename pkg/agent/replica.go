@@ -193,7 +193,10 @@ func (r *replicaVM) run(ctx context.Context) {
 	}
 	ok, why, aerr := r.a.cfg.Arbiter.MayPromote(ctx, ArbiterQuery{VM: r.name, Probe: r.probe})
 	if aerr != nil || !ok {
-		r.setState(StateStandby, fmt.Sprintf("primary link lost (%v); not promoting: %s %v", err, why, aerr))
+		if aerr != nil {
+			why = fmt.Sprintf("%s (arbiter failed: %v)", why, aerr)
+		}
+		r.setState(StateStandby, fmt.Sprintf("primary link lost (%v); not promoting: %s", err, why))
 		return
 	}
 	if _, err := r.promoteNow(ctx, "primary lost: "+why); err != nil {

@@ -56,6 +56,10 @@ type VMStatus struct {
 
 	PID   int    `json:"pid,omitempty"`
 	Accel string `json:"accel,omitempty"`
+	// RunState is QEMU's own run state (query-status: "running",
+	// "paused", "inmigrate" for a standby waiting to take over, ...), so a
+	// user can see that exactly one copy of the VM runs.
+	RunState string `json:"run_state,omitempty"`
 
 	// Replication figures (primary side).
 	Epoch          uint64        `json:"epoch,omitempty"` // last acknowledged (primary) / committed (secondary)

@@ -80,6 +80,8 @@ type cluster struct {
 	root string // every file of the scenario; QEMU processes are found by it
 	bed  *testbed.Bed
 	a, b *agentProc
+	// more agents a scenario started besides a and b
+	more []*agentProc
 	cert string // directory of ca.pem and the hosts' key pairs
 }
 
@@ -92,6 +94,7 @@ type agentProc struct {
 	sock   string
 	log    string // stderr of every run, appended
 	listen string // host:port of the peer listener
+	pki    string // directory of ca.pem, NAME.pem and NAME-key.pem
 	extra  []string
 	cmd    *exec.Cmd
 	exited chan struct{}
@@ -147,12 +150,17 @@ func newCluster(t *testing.T, timeout time.Duration) *cluster {
 }
 
 func (c *cluster) newAgent(name string, h *testbed.Host) *agentProc {
-	dir := filepath.Join(c.root, name)
+	return c.newAgentIn(name, name, h)
+}
+
+// newAgentIn prepares an agent whose files live in root/dir.
+func (c *cluster) newAgentIn(dir, name string, h *testbed.Host) *agentProc {
+	dir = filepath.Join(c.root, dir)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		c.t.Fatal(err)
 	}
 	return &agentProc{c: c, name: name, host: h, dir: dir, sock: filepath.Join(dir, "agent.sock"),
-		log: filepath.Join(dir, "agent.log"), listen: h.ReplAddr.String() + ":" + peerPort}
+		log: filepath.Join(dir, "agent.log"), listen: h.ReplAddr.String() + ":" + peerPort, pki: c.cert}
 }
 
 // start runs the agent (again) with its directories and waits until its
@@ -161,8 +169,8 @@ func (p *agentProc) start() {
 	c := p.c
 	c.t.Helper()
 	args := []string{"agent", "--name", p.name, "--listen", p.listen,
-		"--ca", filepath.Join(c.cert, "ca.pem"),
-		"--cert", filepath.Join(c.cert, p.name+".pem"), "--key", filepath.Join(c.cert, p.name+"-key.pem"),
+		"--ca", filepath.Join(p.pki, "ca.pem"),
+		"--cert", filepath.Join(p.pki, p.name+".pem"), "--key", filepath.Join(p.pki, p.name+"-key.pem"),
 		"--bridge", testbed.BridgeName,
 		"--state-dir", filepath.Join(p.dir, "state"), "--run-dir", filepath.Join(p.dir, "run"),
 		"--ram-dir", filepath.Join(p.dir, "ram"), "--socket", p.sock,
@@ -236,7 +244,7 @@ func (p *agentProc) terminate() {
 }
 
 func (c *cluster) shutdown() {
-	for _, p := range []*agentProc{c.a, c.b} {
+	for _, p := range append([]*agentProc{c.a, c.b}, c.more...) {
 		if p == nil || p.cmd == nil {
 			continue
 		}
@@ -261,7 +269,7 @@ func (c *cluster) shutdown() {
 	}
 	killUnder(c.t, c.root)
 	if c.t.Failed() {
-		for _, p := range []*agentProc{c.a, c.b} {
+		for _, p := range append([]*agentProc{c.a, c.b}, c.more...) {
 			if p != nil {
 				c.t.Logf("---- log of agent %s ----\n%s", p.name, readTail(p.log, 20000))
 			}
@@ -532,4 +540,24 @@ func logTime(path string, since time.Time, words ...string) (time.Time, bool) {
 		}
 	}
 	return time.Time{}, false
+}
+
+// waitReason polls p until VM name's reason contains word.
+func (p *agentProc) waitReason(name, word string, wait time.Duration) agent.VMStatus {
+	t := p.c.t
+	t.Helper()
+	ctx, cancel := context.WithTimeout(p.c.ctx, wait)
+	defer cancel()
+	var last agent.VMStatus
+	var err error
+	for {
+		if last, err = p.status(name); err == nil && strings.Contains(last.Reason, word) {
+			return last
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("%s on %s: no %q in its reason within %v: last %s %q (%v)", name, p.name, word, wait, last.State, last.Reason, err)
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
 }

@@ -1,7 +1,9 @@
 package e2e
 
 import (
+	"path/filepath"
 	"slices"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -125,4 +127,245 @@ func TestPrimaryHostDies(t *testing.T) {
 		t.Logf("the long-lived TCP connection survived the failover")
 	}
 	vc.checkLedger(t)
+}
+
+// TestReplicationLinkCut: only the replication link between A and B
+// breaks; the LAN works. B's probe finds the VM answering on the LAN, so B
+// does not promote: its standby QEMU stays waiting for a migration. A goes
+// on degraded, its output released, and serves the client. With the link
+// back, pairing again protects the VM again.
+func TestReplicationLinkCut(t *testing.T) {
+	c, vc := protectedVM(t)
+	cutT := time.Now()
+	if err := c.bed.CutReplication(); err != nil {
+		t.Fatal(err)
+	}
+	sa := c.a.waitState(vmName, agent.StateDegraded, time.Minute, agent.StateStopped)
+	t.Logf("A degraded %v after the cut: %s", sa.Since.Sub(cutT).Round(time.Millisecond), sa.Reason)
+	if !strings.Contains(sa.Reason, "secondary lost") {
+		t.Fatalf("A's reason for degrading: %q", sa.Reason)
+	}
+	// B's decision: the link died, the VM answers on the LAN, no promotion.
+	sb := c.b.waitReason(vmName, "not promoting", time.Minute)
+	t.Logf("B decided %v after the cut: %s", sb.Since.Sub(cutT).Round(time.Millisecond), sb.Reason)
+	if sb.State != agent.StateStandby || sb.Role != agent.RoleSecondary {
+		t.Fatalf("after the cut B shows %s/%s, want a secondary in standby", sb.Role, sb.State)
+	}
+	if strings.Contains(sb.Reason, "<nil>") {
+		t.Errorf("B's reason shows a Go nil: %q", sb.Reason)
+	}
+
+	// Exactly one copy runs: A's QEMU runs, B's still waits for an
+	// incoming migration and has printed nothing.
+	for i := 0; i < 3; i++ {
+		if _, err := vc.onLong(30 * time.Second); err != nil {
+			t.Fatalf("long-lived connection after the cut: %v", err)
+		}
+		if _, err := vc.short(c.ctx, 30*time.Second); err != nil {
+			t.Fatalf("new connection after the cut: %v", err)
+		}
+	}
+	sa, err := c.a.status(vmName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sb, err = c.b.status(vmName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sa.RunState != "running" || sb.RunState != "inmigrate" {
+		t.Fatalf("QEMU run states: A %q, B %q; want running and inmigrate (one copy runs)", sa.RunState, sb.RunState)
+	}
+	if sb.State != agent.StateStandby {
+		t.Fatalf("B became %s: %s", sb.State, sb.Reason)
+	}
+	if n := len(counterlog.Values(c.b.serial(vmName, true))); n != 0 {
+		t.Fatalf("B's standby printed %d counter lines: it ran", n)
+	}
+	mark := counterlog.Last(c.a.serial(vmName, false))
+	c.a.waitSerial(vmName, false, 30*time.Second, "counting on", func(b []byte) bool {
+		return counterlog.Last(b) >= mark+3
+	})
+
+	if err := c.bed.RestoreReplication(); err != nil {
+		t.Fatal(err)
+	}
+	c.pair(c.a, c.b, false)
+	sb = c.b.waitState(vmName, agent.StateStandby, 30*time.Second)
+	if sb.RunState != "inmigrate" {
+		t.Fatalf("B's new standby is %q", sb.RunState)
+	}
+	if _, err := vc.onLong(30 * time.Second); err != nil {
+		t.Fatalf("long-lived connection after re-pairing: %v", err)
+	}
+	if _, err := vc.short(c.ctx, 30*time.Second); err != nil {
+		t.Fatalf("new connection after re-pairing: %v", err)
+	}
+	vc.checkLedger(t)
+}
+
+// TestSecondaryKilled: B's agent and its standby QEMU are SIGKILLed. A
+// notices, goes on degraded with its output released, and the client is
+// still served; once B's agent runs again, pairing again protects the VM.
+func TestSecondaryKilled(t *testing.T) {
+	c, vc := protectedVM(t)
+	sb, err := c.b.status(vmName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sb.PID == 0 {
+		t.Fatalf("B shows no standby QEMU: %+v", sb)
+	}
+	killT := time.Now()
+	c.b.kill()
+	if err := syscall.Kill(sb.PID, syscall.SIGKILL); err != nil {
+		t.Fatalf("kill B's standby %d: %v", sb.PID, err)
+	}
+	sa := c.a.waitState(vmName, agent.StateDegraded, time.Minute, agent.StateStopped)
+	t.Logf("A degraded %v after B was killed (peer timeout 1s): %s", sa.Since.Sub(killT).Round(time.Millisecond), sa.Reason)
+	for i := 0; i < 3; i++ {
+		if _, err := vc.onLong(30 * time.Second); err != nil {
+			t.Fatalf("long-lived connection with the secondary dead: %v", err)
+		}
+		if _, err := vc.short(c.ctx, 30*time.Second); err != nil {
+			t.Fatalf("new connection with the secondary dead: %v", err)
+		}
+	}
+	mark := counterlog.Last(c.a.serial(vmName, false))
+	c.a.waitSerial(vmName, false, 30*time.Second, "counting on", func(b []byte) bool {
+		return counterlog.Last(b) >= mark+3
+	})
+	if sa, err = c.a.status(vmName); err != nil || sa.RunState != "running" || sa.State != agent.StateDegraded {
+		t.Fatalf("A while degraded: %+v, %v", sa, err)
+	}
+
+	c.b.start()
+	c.pair(c.a, c.b, false)
+	if _, err := vc.onLong(30 * time.Second); err != nil {
+		t.Fatalf("long-lived connection after re-pairing: %v", err)
+	}
+	if _, err := vc.short(c.ctx, 30*time.Second); err != nil {
+		t.Fatalf("new connection after re-pairing: %v", err)
+	}
+	vc.checkLedger(t)
+	if _, err := counterlog.Check(counterlog.Values(c.a.serial(vmName, false))); err != nil {
+		t.Fatalf("A's counter: %v", err)
+	}
+}
+
+// switchover hands the VM over from one agent to the other with `ftctl
+// failover` and checks zero loss: the new copy's counter continues the old
+// one's exactly, and the client's long-lived connection goes on with the
+// next reply. fromReplica/toReplica say where each side keeps the VM's
+// files (a VM promoted on a host runs from its replica directory).
+func switchover(t *testing.T, c *cluster, vc *vmClient, from, to *agentProc, fromReplica bool) {
+	t.Helper()
+	r := from.mustCLI("failover", vmName)
+	if !strings.Contains(r.stdout, "now runs on its former secondary") {
+		t.Fatalf("failover printed %q", r.stdout)
+	}
+	atHandover := from.serial(vmName, fromReplica)
+	sf, err := from.status(vmName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sf.State != agent.StateHandedOver || sf.PID != 0 {
+		t.Fatalf("after the handover %s shows %s with pid %d; want handed-over and no QEMU", from.name, sf.State, sf.PID)
+	}
+	st := to.waitState(vmName, agent.StatePromoted, 30*time.Second, agent.StateStopped)
+	_, promote := promotion(t, st)
+	t.Logf("%s → %s: %s (promotion %v)", from.name, to.name, st.Reason, promote)
+	if st.RunState != "running" {
+		t.Fatalf("the VM on %s is %q after the switchover", to.name, st.RunState)
+	}
+	back := to.waitSerial(vmName, true, time.Minute, "5 more counter lines", func(b []byte) bool {
+		return counterlog.Last(b) >= counterlog.Last(atHandover)+5
+	})
+	if _, err := counterlog.Check(counterlog.Values(counterlog.Stitch(atHandover, back))); err != nil {
+		t.Fatalf("counter across the switchover %s → %s: %v", from.name, to.name, err)
+	}
+	for i := 0; i < 3; i++ {
+		if _, err := vc.onLong(30 * time.Second); err != nil {
+			t.Fatalf("long-lived connection after the switchover to %s: %v", to.name, err)
+		}
+		if _, err := vc.short(c.ctx, 30*time.Second); err != nil {
+			t.Fatalf("new connection after the switchover to %s: %v", to.name, err)
+		}
+	}
+}
+
+// TestPlannedFailoverAndBack: `ftctl failover` moves the protected VM to
+// B with zero loss; B then protects it on A and it moves back the same way.
+func TestPlannedFailoverAndBack(t *testing.T) {
+	c, vc := protectedVM(t)
+	switchover(t, c, vc, c.a, c.b, false)
+	c.pair(c.b, c.a, true)
+	if _, err := vc.onLong(30 * time.Second); err != nil {
+		t.Fatalf("long-lived connection with the VM protected on A: %v", err)
+	}
+	switchover(t, c, vc, c.b, c.a, true)
+	vc.checkLedger(t)
+	if vc.lostReq != 0 {
+		t.Fatalf("%d requests went unanswered across planned switchovers", vc.lostReq)
+	}
+}
+
+// TestCLIErrors: what a user gets wrong is refused with a message saying
+// what was wrong, and a non-zero exit code.
+func TestCLIErrors(t *testing.T) {
+	c := newCluster(t, 3*time.Minute)
+	refused := func(r cliResult, words ...string) {
+		t.Helper()
+		if r.code == 0 {
+			t.Fatalf("succeeded, want an error: %v", r)
+		}
+		for _, w := range words {
+			if !strings.Contains(r.stderr, w) {
+				t.Fatalf("error lacks %q: %v", w, r)
+			}
+		}
+		t.Logf("ftctl %s → exit %d: %s", strings.Join(r.args, " "), r.code, strings.TrimSpace(r.stderr))
+	}
+	// Wrong VM names.
+	refused(c.a.cli("status", "nope"), "no such VM", "nope", "ftctl status")
+	refused(c.a.cli("pair", "nope", c.b.listen), "no such VM", "nope")
+	refused(c.a.cli("failover", "nope"), "no such VM", "nope")
+	refused(c.a.cli("stop", "nope"), "no such VM", "nope")
+	// No agent there.
+	refused(c.cli("status", "--socket", filepath.Join(c.root, "missing.sock")), "no ftctl agent answers", "missing.sock")
+	// Usage.
+	refused(c.a.cli("pair", vmName), "usage: ftctl pair VM HOST[:PORT]")
+	refused(c.a.cli("start", "--spec", filepath.Join(c.root, "missing.json")), "missing.json")
+
+	c.startVM(c.a)
+	// Unreachable hosts: nothing listens on the port; no host has the address.
+	refused(c.a.cli("pair", vmName, c.bed.B.ReplAddr.String()+":7999"), "connect to", "7999", "ftctl agent --listen")
+	nobody := c.bed.ReplNet.Addr().Next().Next().Next().Next().Next().Next().Next().Next().Next() // .9: no host
+	refused(c.a.cli("pair", vmName, nobody.String()), "connect to", nobody.String()+":"+peerPort)
+
+	// Bad credentials: an agent on B whose certificate comes from another CA.
+	other := filepath.Join(c.root, "pki-other")
+	c.mustCLI("cert", "init", "--dir", other)
+	c.mustCLI("cert", "issue", "--dir", other, "host-b", "--host", c.bed.B.ReplAddr.String())
+	rogue := c.newAgentIn("host-b-other", "host-b", c.bed.B)
+	rogue.pki, rogue.listen = other, c.bed.B.ReplAddr.String()+":7481"
+	rogue.sock = filepath.Join(rogue.dir, "agent.sock")
+	c.more = append(c.more, rogue)
+	rogue.start()
+	refused(c.a.cli("pair", vmName, rogue.listen), "connect to", "certificate")
+	if s, err := c.a.status(vmName); err != nil || s.State != agent.StateUnprotected || s.RunState != "running" {
+		t.Fatalf("after the refused pairings the VM is %+v, %v; want running unprotected", s, err)
+	}
+	if out := readTail(rogue.log, 4000); !strings.Contains(out, "peer refused") {
+		t.Errorf("the agent with the other CA did not log refusing the peer:\n%s", out)
+	}
+	// Nothing else failed on the way in: the VM can still be paired.
+	c.pair(c.a, c.b, false)
+	refused(c.a.cli("pair", vmName, c.b.listen), "protected", "unpair it first")
+	refused(c.b.cli("pair", vmName, c.a.listen), "replica here", "primary's host")
+	refused(c.b.cli("failover", vmName), "replica here", "primary's host")
+	refused(c.a.cli("unpair", "nope"), "no such VM")
+	if s, err := c.a.status(vmName); err != nil || s.State != agent.StateProtected {
+		t.Fatalf("after the refused commands the VM is %+v, %v; want protected", s, err)
+	}
 }

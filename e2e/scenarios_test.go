@@ -127,6 +127,7 @@ func TestPrimaryHostDies(t *testing.T) {
 		t.Logf("the long-lived TCP connection survived the failover")
 	}
 	vc.checkLedger(t)
+	c.b.stopAndVerifyDisk(c.b.replicaDisk(), true)
 }
 
 // TestReplicationLinkCut: only the replication link between A and B
@@ -308,6 +309,7 @@ func TestPlannedFailoverAndBack(t *testing.T) {
 	if vc.lostReq != 0 {
 		t.Fatalf("%d requests went unanswered across planned switchovers", vc.lostReq)
 	}
+	c.a.stopAndVerifyDisk(c.a.replicaDisk(), true)
 }
 
 // TestCLIErrors: what a user gets wrong is refused with a message saying

@@ -59,12 +59,28 @@ var replyRE = regexp.MustCompile(`^seq=(\d+) (.*)\n$`)
 
 // exchange sends one line on conn and reads its reply.
 func (vc *vmClient) exchange(c net.Conn, r *bufio.Reader, wait time.Duration) (uint64, error) {
+	line, err := vc.send(c, wait)
+	if err != nil {
+		return 0, err
+	}
+	return vc.receive(r, c, line, wait)
+}
+
+// send sends the next request line on c.
+func (vc *vmClient) send(c net.Conn, wait time.Duration) (string, error) {
 	vc.n++
 	line := fmt.Sprintf("req-%d", vc.n)
 	c.SetDeadline(time.Now().Add(wait))
 	if _, err := fmt.Fprintf(c, "%s\n", line); err != nil {
-		return 0, fmt.Errorf("send %q: %w", line, err)
+		vc.lostReq++
+		return "", fmt.Errorf("send %q: %w", line, err)
 	}
+	return line, nil
+}
+
+// receive reads the reply to line.
+func (vc *vmClient) receive(r *bufio.Reader, c net.Conn, line string, wait time.Duration) (uint64, error) {
+	c.SetDeadline(time.Now().Add(wait))
 	got, err := r.ReadString('\n')
 	if err != nil {
 		vc.lostReq++
@@ -101,6 +117,24 @@ func (vc *vmClient) onLong(wait time.Duration) (uint64, error) {
 		return 0, fmt.Errorf("no long-lived connection")
 	}
 	return vc.exchange(vc.long, vc.longR, wait)
+}
+
+// sendLong sends a request on the long-lived connection without waiting
+// for its reply (finishLong reads it).
+func (vc *vmClient) sendLong() (string, error) {
+	vc.mu.Lock()
+	defer vc.mu.Unlock()
+	if vc.long == nil {
+		return "", fmt.Errorf("no long-lived connection")
+	}
+	return vc.send(vc.long, time.Minute)
+}
+
+// finishLong reads the reply to a request sendLong sent.
+func (vc *vmClient) finishLong(line string, wait time.Duration) (uint64, error) {
+	vc.mu.Lock()
+	defer vc.mu.Unlock()
+	return vc.receive(vc.longR, vc.long, line, wait)
 }
 
 // short makes one exchange on a new connection.

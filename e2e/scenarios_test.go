@@ -70,8 +70,9 @@ func checkResumedCounter(t *testing.T, before, after []byte) (repeated uint64) {
 // TestPrimaryHostDies: host A vanishes from every network and its agent
 // and QEMU are SIGKILLed. B's agent notices the silent link, finds the VM
 // silent on the LAN, and promotes its standby: the counter continues from
-// the last committed checkpoint, and the client reaches the VM's address
-// again.
+// the last committed checkpoint, the client reaches the VM's address
+// again, and its disk holds exactly what the resumed memory expects. When A
+// returns, the VM is protected onto it again.
 func TestPrimaryHostDies(t *testing.T) {
 	c, vc := protectedVM(t)
 	// Let a few checkpoints commit with the guest busy.
@@ -138,6 +139,17 @@ func TestPrimaryHostDies(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("a new connection got seq=%d (first try took %v)", seq, took.Round(time.Millisecond))
+
+	// Host A comes back: the VM is protected again, onto A, without
+	// stopping it.
+	if err := c.bed.Rejoin(c.bed.A); err != nil {
+		t.Fatal(err)
+	}
+	c.a.start()
+	c.pair(c.b, c.a, true)
+	if _, err := vc.onLong(30 * time.Second); err != nil {
+		t.Fatalf("long-lived connection with the VM protected back on A: %v", err)
+	}
 	vc.checkLedger(t)
 	c.b.stopAndVerifyDisk(c.b.replicaDisk(), true)
 }

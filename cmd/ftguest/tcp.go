@@ -8,13 +8,23 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
+
+	"github.com/ftctl/ftctl/pkg/checker"
 )
 
 // maxLine bounds a request line; longer lines end the connection.
-const maxLine = 64 << 10
+const maxLine = checker.MaxLine
+
+// maxConns bounds open connections, so a client leaking them cannot take
+// the guest's memory; connections beyond it are closed at once.
+const maxConns = 4096
 
 // tcpServer answers every request line with "seq=N <line>", N counting
 // requests over all connections, so a lost or replayed reply is visible.
+// A connection that opens with checker.Hello gets checker's checksummed
+// replies instead, "seq=N sum=H <line>", H chaining every line the
+// connection sent (checker.NextSum), so its client can tell that the
+// server holds exactly its requests, in order, also after a failover.
 type tcpServer struct {
 	con  *console
 	addr string
@@ -33,6 +43,11 @@ func (s *tcpServer) start(context.Context) (func(context.Context) error, error) 
 }
 
 func (s *tcpServer) serve(ctx context.Context, ln net.Listener) error {
+	return s.serveLimit(ctx, ln, maxConns)
+}
+
+// serveLimit serves ln until ctx ends, with at most limit connections open.
+func (s *tcpServer) serveLimit(ctx context.Context, ln net.Listener, limit int) error {
 	var wg sync.WaitGroup
 	var mu sync.Mutex
 	conns := map[net.Conn]struct{}{}
@@ -64,6 +79,11 @@ func (s *tcpServer) serve(ctx context.Context, ln net.Listener) error {
 			c.Close()
 			return nil
 		}
+		if len(conns) >= limit {
+			mu.Unlock()
+			c.Close()
+			continue
+		}
 		conns[c] = struct{}{}
 		mu.Unlock()
 		wg.Go(func() {
@@ -80,12 +100,24 @@ func (s *tcpServer) handle(c net.Conn) {
 	sc := bufio.NewScanner(c)
 	sc.Buffer(make([]byte, 4096), maxLine)
 	var out []byte
+	first, summed := true, false
+	var sum uint64
 	for sc.Scan() {
 		line := sc.Bytes()
 		if n := len(line); n > 0 && line[n-1] == '\r' {
 			line = line[:n-1]
 		}
-		out = fmt.Appendf(out[:0], "seq=%d %s\n", s.seq.Add(1), line)
+		switch {
+		case first && string(line) == checker.Hello:
+			summed = true
+			out = append(out[:0], checker.HelloReply+"\n"...)
+		case summed:
+			sum = checker.NextSum(sum, line)
+			out = checker.AppendReply(out[:0], s.seq.Add(1), sum, line)
+		default:
+			out = fmt.Appendf(out[:0], "seq=%d %s\n", s.seq.Add(1), line)
+		}
+		first = false
 		if _, err := c.Write(out); err != nil {
 			return
 		}

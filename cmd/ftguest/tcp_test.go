@@ -192,11 +192,14 @@ func runChecker(t *testing.T, addr string, until func(checker.Report) bool) (*ch
 func TestCheckerFindsNoViolationOnTheRealService(t *testing.T) {
 	addr, _ := startTCP(t, "127.0.0.1:0")
 	var mid time.Time
+	var shortAtMid uint64
 	c, err := runChecker(t, addr, func(r checker.Report) bool {
 		if mid.IsZero() && r.LongAcked >= 20 {
-			mid = time.Now()
+			mid, shortAtMid = time.Now(), r.ShortDone
 		}
-		return r.LongAcked >= 80 && r.ShortDone >= 30
+		// Verify needs a short connection opened after mid: at most
+		// ShortConns (4) opened before it complete after it.
+		return !mid.IsZero() && r.LongAcked >= 80 && r.ShortDone >= 30 && r.ShortDone > shortAtMid+4
 	})
 	r := c.Snapshot()
 	if err != nil || len(r.Errors) != 0 || r.LongConns != 1 || r.Acked < 80+30 {
@@ -250,8 +253,9 @@ func TestCheckerCatchesAnUnprotectedRestart(t *testing.T) {
 	}
 	vctx, vcancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer vcancel()
-	if _, err := c.Verify(vctx, since); !errors.Is(err, checker.ErrReset) {
+	_, err = c.Verify(vctx, since)
+	if !errors.Is(err, checker.ErrReset) {
 		t.Fatalf("Verify: %v, want ErrReset", err)
 	}
-	t.Logf("%v", err)
+	t.Logf("Verify: %v", err)
 }

@@ -130,11 +130,14 @@ func quickConfig(addr string) Config {
 func TestCleanServerNoViolation(t *testing.T) {
 	f := startFake(t, nil)
 	var mid time.Time
+	var shortAtMid uint64
 	c, r, err := runChecker(t, quickConfig(f.addr()), func(r Report) bool {
 		if mid.IsZero() && r.LongAcked >= 20 {
-			mid = time.Now()
+			mid, shortAtMid = time.Now(), r.ShortDone
 		}
-		return r.LongAcked >= 60 && r.ShortDone >= 10
+		// Verify needs a short connection opened after mid: at most
+		// ShortConns (3) opened before it complete after it.
+		return !mid.IsZero() && r.LongAcked >= 60 && r.ShortDone >= 10 && r.ShortDone > shortAtMid+3
 	})
 	if err != nil || r.Err() != nil || len(r.Errors) != 0 {
 		t.Fatalf("Run: %v; errors %v %v\n%s", err, r.Errors, r.Events, r)
@@ -287,10 +290,19 @@ func TestStallIsDowntimeNotViolation(t *testing.T) {
 	}))
 	cfg := quickConfig(f.addr())
 	cfg.Timeout = 150 * time.Millisecond // shorter than the stall: timeouts, counted
+	shortAtStall := -1
 	c, r, err := runChecker(t, cfg, func(r Report) bool {
 		mu.Lock()
 		defer mu.Unlock()
-		return !since.IsZero() && time.Since(since) > stall && r.LongAcked >= 30
+		if since.IsZero() {
+			return false
+		}
+		if shortAtStall < 0 {
+			shortAtStall = int(r.ShortDone)
+		}
+		// At most ShortConns short connections opened before the
+		// stall can complete after it: one more opened after it.
+		return time.Since(since) > stall && r.LongAcked >= 30 && int(r.ShortDone) > shortAtStall+cfg.ShortConns
 	})
 	if err != nil || r.Err() != nil {
 		t.Fatalf("a stall is no violation: %v\n%v", err, r.Events)

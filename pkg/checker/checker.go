@@ -245,7 +245,9 @@ func (c *Checker) replyLocked(s *stream, line []byte, now time.Time) bool {
 		if s == c.long {
 			c.lastAck = *v.ack
 		}
-		if !c.lastReply.IsZero() {
+		// Readers stamp a reply before taking the lock, so stamps can
+		// come in slightly out of order: a gap only ends at a newer one.
+		if !c.lastReply.IsZero() && now.After(c.lastReply) {
 			g := Gap{Start: c.lastReply, End: now}
 			if g.Len() > c.longest.Len() {
 				c.longest = g
@@ -257,7 +259,9 @@ func (c *Checker) replyLocked(s *stream, line []byte, now time.Time) bool {
 				c.gaps = append(c.gaps, g)
 			}
 		}
-		c.lastReply = now
+		if now.After(c.lastReply) {
+			c.lastReply = now
+		}
 		c.notifyLocked()
 	}
 	return !v.desync

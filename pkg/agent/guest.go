@@ -283,7 +283,7 @@ func (g *guest) degrade(p *protection, err error) {
 	}
 	reason := "secondary lost"
 	if err != nil {
-		reason = fmt.Sprintf("secondary lost: %v", err)
+		reason = "secondary lost: " + p.conn.cause(err)
 	}
 	g.setState(StateDegraded, reason)
 }

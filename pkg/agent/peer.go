@@ -103,6 +103,19 @@ type watchedConn struct {
 	wire.Conn
 	last    atomic.Int64 // unix ns of the last frame received
 	waiting atomic.Int64 // unix ns when the current Recv started; 0 outside Recv
+	// silent is how long the link had been silent when watch closed it
+	// (ns); 0 if watch did not close it.
+	silent atomic.Int64
+}
+
+// cause says why the link ended: the watchdog's verdict when it closed the
+// link (the error the link's users see then only says "closed locally"),
+// else err.
+func (w *watchedConn) cause(err error) string {
+	if s := time.Duration(w.silent.Load()); s > 0 {
+		return fmt.Sprintf("nothing heard from the peer for %v", s.Round(time.Millisecond))
+	}
+	return fmt.Sprint(err)
 }
 
 func newWatchedConn(c wire.Conn) *watchedConn {
@@ -140,6 +153,7 @@ func (w *watchedConn) watch(ctx context.Context, timeout time.Duration, lost fun
 			return
 		case <-t.C:
 			if s := w.silence(); s > timeout {
+				w.silent.Store(int64(s))
 				lost(s)
 				w.Close()
 				return

@@ -182,13 +182,14 @@ func (r *replicaVM) run(ctx context.Context) {
 		return
 	}
 	r.conn.Close()
+	lost := r.conn.cause(err)
 	c := r.sec.Committed()
 	if !c.Resumable {
-		r.setState(StateStandby, fmt.Sprintf("primary lost during the initial sync (%v); nothing to resume", err))
+		r.setState(StateStandby, fmt.Sprintf("primary lost during the initial sync (%s); nothing to resume", lost))
 		return
 	}
 	if r.a.cfg.Arbiter == nil {
-		r.setState(StateStandby, fmt.Sprintf("primary lost (%v); not promoting: no arbiter configured", err))
+		r.setState(StateStandby, fmt.Sprintf("primary lost (%s); not promoting: no arbiter configured", lost))
 		return
 	}
 	ok, why, aerr := r.a.cfg.Arbiter.MayPromote(ctx, ArbiterQuery{VM: r.name, Probe: r.probe})
@@ -196,10 +197,10 @@ func (r *replicaVM) run(ctx context.Context) {
 		if aerr != nil {
 			why = fmt.Sprintf("%s (arbiter failed: %v)", why, aerr)
 		}
-		r.setState(StateStandby, fmt.Sprintf("primary link lost (%v); not promoting: %s", err, why))
+		r.setState(StateStandby, fmt.Sprintf("primary link lost (%s); not promoting: %s", lost, why))
 		return
 	}
-	if _, err := r.promoteNow(ctx, "primary lost: "+why); err != nil {
+	if _, err := r.promoteNow(ctx, fmt.Sprintf("primary lost (%s): %s", lost, why)); err != nil {
 		r.a.log.Error("promotion failed", "vm", r.name, "err", err)
 	}
 }

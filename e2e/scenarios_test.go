@@ -108,6 +108,9 @@ func TestPrimaryHostDies(t *testing.T) {
 	t.Logf("B promoted: %s", sb.Reason)
 	t.Logf("detection (kill → B decides): %v; link declared dead after %v; promotion (decision → running): %v",
 		decided.Sub(killT).Round(time.Millisecond), silent.Sub(killT).Round(time.Millisecond), promote)
+	if !strings.Contains(sb.Reason, "primary lost (nothing heard from the peer") {
+		t.Errorf("B's reason does not say the link went silent: %q", sb.Reason)
+	}
 	if epoch < st.Epoch {
 		t.Fatalf("B resumed epoch %d, but A had epoch %d acknowledged before it died", epoch, st.Epoch)
 	}
@@ -167,7 +170,7 @@ func TestReplicationLinkCut(t *testing.T) {
 	}
 	sa := c.a.waitState(vmName, agent.StateDegraded, time.Minute, agent.StateStopped)
 	t.Logf("A degraded %v after the cut: %s", sa.Since.Sub(cutT).Round(time.Millisecond), sa.Reason)
-	if !strings.Contains(sa.Reason, "secondary lost") {
+	if !strings.Contains(sa.Reason, "secondary lost: nothing heard from the peer") {
 		t.Fatalf("A's reason for degrading: %q", sa.Reason)
 	}
 	// B's decision: the link died, the VM answers on the LAN, no promotion.
@@ -175,6 +178,9 @@ func TestReplicationLinkCut(t *testing.T) {
 	t.Logf("B decided %v after the cut: %s", sb.Since.Sub(cutT).Round(time.Millisecond), sb.Reason)
 	if sb.State != agent.StateStandby || sb.Role != agent.RoleSecondary {
 		t.Fatalf("after the cut B shows %s/%s, want a secondary in standby", sb.Role, sb.State)
+	}
+	if !strings.Contains(sb.Reason, "primary link lost (nothing heard from the peer") {
+		t.Errorf("B's reason does not say the link went silent: %q", sb.Reason)
 	}
 	if strings.Contains(sb.Reason, "<nil>") {
 		t.Errorf("B's reason shows a Go nil: %q", sb.Reason)
@@ -232,7 +238,19 @@ func TestReplicationLinkCut(t *testing.T) {
 // TestSecondaryKilled: B's agent and its standby QEMU are SIGKILLed. A
 // notices, goes on degraded with its output released, and the client is
 // still served; once B's agent runs again, pairing again protects the VM.
+// Killed processes close their connections (B's kernel lives on); when
+// host B vanishes from every network first, A can only notice the silence.
 func TestSecondaryKilled(t *testing.T) {
+	for _, isolate := range []bool{false, true} {
+		name := "processes killed"
+		if isolate {
+			name = "host vanished"
+		}
+		t.Run(name, func(t *testing.T) { secondaryKilled(t, isolate) })
+	}
+}
+
+func secondaryKilled(t *testing.T, isolate bool) {
 	c, vc := protectedVM(t)
 	sb, err := c.b.status(vmName)
 	if err != nil {
@@ -242,12 +260,20 @@ func TestSecondaryKilled(t *testing.T) {
 		t.Fatalf("B shows no standby QEMU: %+v", sb)
 	}
 	killT := time.Now()
+	if isolate {
+		if err := c.bed.IsolateHost(c.bed.B); err != nil {
+			t.Fatal(err)
+		}
+	}
 	c.b.kill()
 	if err := syscall.Kill(sb.PID, syscall.SIGKILL); err != nil {
 		t.Fatalf("kill B's standby %d: %v", sb.PID, err)
 	}
 	sa := c.a.waitState(vmName, agent.StateDegraded, time.Minute, agent.StateStopped)
 	t.Logf("A degraded %v after B was killed (peer timeout 1s): %s", sa.Since.Sub(killT).Round(time.Millisecond), sa.Reason)
+	if isolate && !strings.Contains(sa.Reason, "nothing heard from the peer") {
+		t.Errorf("A's reason does not say the link went silent: %q", sa.Reason)
+	}
 	for i := 0; i < 3; i++ {
 		if _, err := vc.onLong(30 * time.Second); err != nil {
 			t.Fatalf("long-lived connection with the secondary dead: %v", err)
@@ -264,6 +290,11 @@ func TestSecondaryKilled(t *testing.T) {
 		t.Fatalf("A while degraded: %+v, %v", sa, err)
 	}
 
+	if isolate {
+		if err := c.bed.Rejoin(c.bed.B); err != nil {
+			t.Fatal(err)
+		}
+	}
 	c.b.start()
 	c.pair(c.a, c.b, false)
 	if _, err := vc.onLong(30 * time.Second); err != nil {

@@ -9,7 +9,9 @@
 //     device, one durable 4 KiB write per interval, printing
 //     "ftguest disk seq=N" after each;
 //   - tcp: answers each line a client sends with "seq=N <line>", N counting
-//     requests across all connections;
+//     requests across all connections; a connection that opens with
+//     "#sum v1" gets "seq=N sum=S <line>" instead, S chaining every line it
+//     sent (pkg/checker verifies it across failovers);
 //   - mem: dirties memory at a known rate (ftguest.memmib, ftguest.dirtyrate,
 //     ftguest.dirtybytes), for checkpoint benchmarks;
 //   - cpu: a fixed CPU-bound loop (SHA-256 rounds over ftguest.cpukib KiB)

@@ -99,29 +99,33 @@ type pauseFigures struct {
 	name       string
 	n          int
 	p50, p99   time.Duration
-	parts      map[string]time.Duration // p50 of each part
-	dirtyPages float64                  // mean per checkpoint
-	wirePerB   float64                  // wire bytes per dirty byte
-	memPerB    float64                  // encoded memory bytes per dirty byte
-	devBytes   float64                  // mean device state bytes per checkpoint
-	guestRate  float64                  // pages/s the mem workload reported (0: none)
+	parts      map[string]time.Duration  // p50 of each part
+	dirtyPages float64                   // mean per checkpoint
+	wirePerB   float64                   // wire bytes per dirty byte
+	memPerB    float64                   // encoded memory bytes per dirty byte
+	devBytes   float64                   // mean device state bytes on the wire per checkpoint
+	devRaw     float64                   // mean device state bytes QEMU produced per checkpoint
+	devCodecs  map[lockstep.DevCodec]int // checkpoints per device-state codec
+	guestRate  float64                   // pages/s the mem workload reported (0: none)
 }
 
-var partNames = []string{"stop", "dirty", "capture", "devstate", "mark", "hold", "cont", "encode"}
+var partNames = []string{"stop", "dirty", "capture", "devstate", "mark", "hold", "cont", "encode", "devenc"}
 
 func summarise(name string, w epochWindow) pauseFigures {
-	f := pauseFigures{name: name, n: len(w.epochs), parts: map[string]time.Duration{}}
+	f := pauseFigures{name: name, n: len(w.epochs), parts: map[string]time.Duration{}, devCodecs: map[lockstep.DevCodec]int{}}
 	cols := map[string][]time.Duration{}
 	var pauses []time.Duration
-	var dirty, mem, dev int64
+	var dirty, mem, dev, devRaw int64
 	for _, e := range w.epochs {
 		pauses = append(pauses, e.Pause)
-		for i, d := range []time.Duration{e.Stop, e.Dirty, e.Capture, e.DevState, e.Mark, e.Hold, e.Cont, e.Encode} {
+		for i, d := range []time.Duration{e.Stop, e.Dirty, e.Capture, e.DevState, e.Mark, e.Hold, e.Cont, e.Encode, e.DevEncode} {
 			cols[partNames[i]] = append(cols[partNames[i]], d)
 		}
 		dirty += int64(e.DirtyPages) * memsync.PageSize
 		mem += int64(e.MemBytes)
 		dev += int64(e.DevStateBytes)
+		devRaw += int64(e.DevStateRawBytes)
+		f.devCodecs[e.DevCodec]++
 	}
 	f.p50, f.p99 = pctl(pauses, 0.5), pctl(pauses, 0.99)
 	for k, v := range cols {
@@ -130,6 +134,7 @@ func summarise(name string, w epochWindow) pauseFigures {
 	if f.n > 0 {
 		f.dirtyPages = float64(dirty) / memsync.PageSize / float64(f.n)
 		f.devBytes = float64(dev) / float64(f.n)
+		f.devRaw = float64(devRaw) / float64(f.n)
 	}
 	if dirty > 0 {
 		f.wirePerB = float64(w.wireBytes) / float64(dirty)
@@ -466,7 +471,9 @@ func BenchmarkReplyLatency(b *testing.B) {
 // dirties 2000 pages/s in a 128 MiB guest, rewriting whole pages with
 // random bytes (incompressible: the codec can only lose) or 64 random
 // bytes per page (the XOR delta against the previous epoch is mostly
-// zero). Wire bytes include each checkpoint's device state and manifest.
+// zero). Wire bytes include each checkpoint's device state (delta-encoded
+// against the previous checkpoint's: the table gives it beside the raw size)
+// and manifest.
 func BenchmarkWireBytesPerDirtyByte(b *testing.B) {
 	var figs []pauseFigures
 	for _, bytesPerPage := range []int{4096, 64} {
@@ -492,6 +499,8 @@ func BenchmarkWireBytesPerDirtyByte(b *testing.B) {
 			b.ReportMetric(f.wirePerB, "wire-B/dirty-B")
 			b.ReportMetric(f.memPerB, "mem-B/dirty-B")
 			b.ReportMetric(f.dirtyPages, "dirty-pages/ckpt")
+			b.ReportMetric(f.devBytes, "devstate-B/ckpt")
+			b.Logf("device state codecs: %v", f.devCodecs)
 			figs = append(figs, f)
 		})
 	}
@@ -499,8 +508,8 @@ func BenchmarkWireBytesPerDirtyByte(b *testing.B) {
 		return
 	}
 	fmt.Printf("\nbytes on the wire per dirty byte, 128 MiB TCG guest, mem workload 2000 pages/s, periodic 100 ms (baseline: raw dirty pages = 1.00)\n")
-	fmt.Printf("%-16s %4s %10s %12s %12s %14s %12s\n", "load", "n", "dirty/ck", "wire/dirty", "mem/dirty", "devstate B/ck", "guest pp/s")
+	fmt.Printf("%-16s %4s %10s %12s %12s %14s %10s %12s %10s\n", "load", "n", "dirty/ck", "wire/dirty", "mem/dirty", "devstate B/ck", "raw B/ck", "guest pp/s", "devenc ms")
 	for _, f := range figs {
-		fmt.Printf("%-16s %4d %10.1f %12.3f %12.3f %14.0f %12.0f\n", f.name, f.n, f.dirtyPages, f.wirePerB, f.memPerB, f.devBytes, f.guestRate)
+		fmt.Printf("%-16s %4d %10.1f %12.3f %12.3f %14.0f %10.0f %12.0f %10.3f\n", f.name, f.n, f.dirtyPages, f.wirePerB, f.memPerB, f.devBytes, f.devRaw, f.guestRate, ms(f.parts["devenc"]))
 	}
 }

@@ -67,7 +67,7 @@ type pair struct {
 
 	primErr, secErr   chan error
 	primDone, secDone chan struct{} // closed when Run returned
-	cancel          context.CancelFunc
+	cancel            context.CancelFunc
 }
 
 type linkFunc func(t *testing.T) (primary, secondary wire.Conn)
@@ -343,7 +343,21 @@ func fileEqual(t *testing.T, a, b string) (bool, string) {
 // primary stopped. The link is real: TCP on loopback with mutual TLS.
 func TestReplicaEqualsPrimaryAtCommittedEpochs(t *testing.T) {
 	ctx := testenv.Deadline(t, 4*time.Minute)
-	p := newPair(t, ctx, pairOptions{link: tlsLink})
+	log := &epochLog{}
+	var (
+		commitMu sync.Mutex
+		commits  = map[uint64]lockstep.CommitStats{}
+	)
+	p := newPair(t, ctx, pairOptions{link: tlsLink,
+		primary: func(c *lockstep.PrimaryConfig) { c.OnEpoch = log.add },
+		secondary: func(c *lockstep.SecondaryConfig) {
+			c.OnCommit = func(cs lockstep.CommitStats) {
+				commitMu.Lock()
+				commits[cs.Manifest.Epoch] = cs
+				commitMu.Unlock()
+			}
+		},
+	})
 	p.waitResumable(ctx)
 	for i := 0; i < 3; i++ {
 		time.Sleep(400 * time.Millisecond)
@@ -369,6 +383,31 @@ func TestReplicaEqualsPrimaryAtCommittedEpochs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Device states travelled as deltas against the previous checkpoint's
+	// (all but the first), and the secondary rebuilt each to its full size;
+	// the promotion below restores such a rebuilt state.
+	epochs := log.snapshot()
+	if len(epochs) < 3 {
+		t.Fatalf("only %d checkpoints", len(epochs))
+	}
+	commitMu.Lock()
+	for i, e := range epochs {
+		cs, ok := commits[e.Epoch]
+		switch {
+		case !ok:
+			t.Errorf("epoch %d: no commit seen", e.Epoch)
+		case cs.DevStateBytes != e.DevStateBytes || cs.DevStateRawBytes != e.DevStateRawBytes:
+			t.Errorf("epoch %d: device state sent %d bytes (%d raw), received %d (%d raw)",
+				e.Epoch, e.DevStateBytes, e.DevStateRawBytes, cs.DevStateBytes, cs.DevStateRawBytes)
+		case i == 0 && e.DevCodec != lockstep.DevZstd:
+			t.Errorf("first checkpoint %d: device state codec %v, want a full state", e.Epoch, e.DevCodec)
+		case i > 0 && (e.DevCodec == lockstep.DevZstd || e.DevStateBytes*10 > e.DevStateRawBytes):
+			t.Errorf("epoch %d: device state of %d bytes sent as %d (%v), not as a delta", e.Epoch, e.DevStateRawBytes, e.DevStateBytes, e.DevCodec)
+		}
+	}
+	commitMu.Unlock()
+	last := epochs[len(epochs)-1]
+	t.Logf("%d checkpoints; the last device state: %d bytes sent for %d (%v)", len(epochs), last.DevStateBytes, last.DevStateRawBytes, last.DevCodec)
 	if err := <-p.primErr; err != nil {
 		t.Fatalf("primary Run after handover: %v", err)
 	}

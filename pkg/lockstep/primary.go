@@ -69,10 +69,15 @@ type EpochStats struct {
 	// Pause is stop issued .. cont returned; the parts below add up to it
 	// (Hold is time spent paused waiting for the secondary).
 	Pause, Stop, Dirty, Capture, DevState, Mark, Hold, Cont time.Duration
-	Encode                                                  time.Duration // after cont
-	DirtyPages                                              int
-	MemBytes, DevStateBytes                                 int
-	HeldFrames                                              int
+	// Encode (memory pages) and DevEncode (device state) run after cont.
+	Encode, DevEncode time.Duration
+	DirtyPages        int
+	MemBytes          int
+	// DevStateBytes is the device state's payload on the wire,
+	// DevStateRawBytes what QEMU produced; DevCodec says how it was encoded.
+	DevStateBytes, DevStateRawBytes int
+	DevCodec                        DevCodec
+	HeldFrames                      int
 }
 
 // Stats is a snapshot of a coordinator's progress.
@@ -98,6 +103,7 @@ type Primary struct {
 	capt    *memsync.Capturer
 	enc     *memsync.Encoder
 	base    *memsync.Base
+	dev     *devEncoder // device state against the previous checkpoint's
 
 	jobs    chan job
 	blockCh chan eventlog.Record
@@ -168,6 +174,10 @@ func NewPrimary(cfg PrimaryConfig) (*Primary, error) {
 	if err != nil {
 		return nil, err
 	}
+	dev, err := newDevEncoder()
+	if err != nil {
+		return nil, err
+	}
 	log := cfg.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -179,6 +189,7 @@ func NewPrimary(cfg PrimaryConfig) (*Primary, error) {
 		capt:     memsync.NewCapturer(cfg.RAM, 0),
 		enc:      enc,
 		base:     memsync.NewBase(cfg.RAM.NumPages()),
+		dev:      dev,
 		jobs:     make(chan job, 1),
 		blockCh:  make(chan eventlog.Record, 256),
 		request:  make(chan struct{}, 1),
@@ -545,11 +556,18 @@ func (p *Primary) checkpoint(ctx context.Context, kind Kind, reason Reason, keep
 	if err != nil {
 		return 0, err
 	}
-	st.Encode = time.Since(t)
+	st.Encode, t = time.Since(t), time.Now()
 	for _, f := range frames {
 		st.MemBytes += len(f)
 	}
-	st.DevStateBytes = len(dev)
+	// Relative to the previous checkpoint's state: this Primary sends
+	// every checkpoint it encodes, in order, on its one link.
+	devWire, dh, err := p.dev.encode(n, dev)
+	if err != nil {
+		return 0, err
+	}
+	st.DevEncode = time.Since(t)
+	st.DevStateBytes, st.DevStateRawBytes, st.DevCodec = len(devWire), len(dev), dh.Codec
 	man.MemFrames = uint32(len(frames))
 	p.mu.Lock()
 	p.stats.LastPause = st.Pause
@@ -561,7 +579,7 @@ func (p *Primary) checkpoint(ctx context.Context, kind Kind, reason Reason, keep
 	if p.cfg.OnEpoch != nil {
 		p.cfg.OnEpoch(st)
 	}
-	return n, p.enqueue(ctx, job{man: man, mem: frames, dev: dev})
+	return n, p.enqueue(ctx, job{man: man, mem: frames, dev: devWire})
 }
 
 // waitWindow holds the (paused) guest while more than MaxInflight epochs

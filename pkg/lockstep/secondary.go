@@ -38,10 +38,12 @@ type SecondaryConfig struct {
 
 // CommitStats are one committed epoch's figures on the secondary.
 type CommitStats struct {
-	Manifest      Manifest
-	Pages         int
-	DevStateBytes int
-	Stage, Commit time.Duration
+	Manifest Manifest
+	Pages    int
+	// DevStateBytes is the device state's payload as it arrived,
+	// DevStateRawBytes the state decoded from it (and stored).
+	DevStateBytes, DevStateRawBytes int
+	Stage, Commit                   time.Duration
 }
 
 // Committed describes the replica's committed state.
@@ -60,7 +62,13 @@ type Secondary struct {
 
 	mu        sync.Mutex
 	committed Committed
-	sendMu    sync.Mutex
+	// devBase caches the committed checkpoint's decoded device state, the
+	// base of the next epoch's; empty after a restart (the file is read).
+	devBase struct {
+		epoch uint64
+		state []byte
+	}
+	sendMu sync.Mutex
 
 	// crashAfterRAMCommit, set by tests only, stops a commit right after
 	// its commit point, the way a crash there would.
@@ -317,13 +325,16 @@ func (s *Secondary) commit(ctx context.Context, ep *wire.Epoch) (err error) {
 	if _, n, ok := s.cfg.Replica.Staged(); ok {
 		pages = n
 	}
-	var dev []byte
+	var dev, devWire []byte
 	if m.Kind.Resumable() {
 		f := ep.Frames[len(ep.Frames)-1]
 		if f.Type != wire.TypeDevState || len(f.Payload) == 0 {
 			return fmt.Errorf("%w: checkpoint epoch %d lacks its device state", ErrProtocol, m.Epoch)
 		}
-		dev = f.Payload
+		devWire = f.Payload
+		if dev, err = s.decodeDevState(m.Epoch, prev, devWire); err != nil {
+			return err
+		}
 		if err := fsutil.WriteFileAtomic(s.devPath(m.Epoch), dev, 0o600); err != nil {
 			return fmt.Errorf("lockstep: store device state of epoch %d: %w", m.Epoch, err)
 		}
@@ -350,12 +361,46 @@ func (s *Secondary) commit(ctx context.Context, ep *wire.Epoch) (err error) {
 	}
 	s.mu.Lock()
 	s.committed = Committed{Epoch: m.Epoch, Kind: m.Kind, Resumable: m.Kind.Resumable()}
+	s.devBase.epoch, s.devBase.state = m.Epoch, dev
 	s.mu.Unlock()
 	s.prune(m.Epoch)
 	if s.cfg.OnCommit != nil {
-		s.cfg.OnCommit(CommitStats{Manifest: m, Pages: pages, DevStateBytes: len(dev), Stage: t1.Sub(t0), Commit: time.Since(t1)})
+		s.cfg.OnCommit(CommitStats{Manifest: m, Pages: pages, DevStateBytes: len(devWire), DevStateRawBytes: len(dev),
+			Stage: t1.Sub(t0), Commit: time.Since(t1)})
 	}
 	return nil
+}
+
+// decodeDevState rebuilds epoch n's device state from its payload; a delta
+// must be relative to the committed checkpoint prev, the only base this
+// replica holds.
+func (s *Secondary) decodeDevState(n uint64, prev Committed, payload []byte) ([]byte, error) {
+	h, body, err := parseDevHeader(payload)
+	if err != nil {
+		return nil, fmt.Errorf("epoch %d: %w", n, err)
+	}
+	var base []byte
+	if h.BaseEpoch != 0 {
+		if !prev.Resumable || h.BaseEpoch != prev.Epoch {
+			return nil, fmt.Errorf("%w: epoch %d: device state is relative to epoch %d, the replica holds checkpoint %d (resumable %v)",
+				ErrProtocol, n, h.BaseEpoch, prev.Epoch, prev.Resumable)
+		}
+		s.mu.Lock()
+		if s.devBase.epoch == prev.Epoch {
+			base = s.devBase.state
+		}
+		s.mu.Unlock()
+		if base == nil {
+			if base, err = os.ReadFile(s.devPath(prev.Epoch)); err != nil {
+				return nil, fmt.Errorf("lockstep: epoch %d: base device state of epoch %d: %w", n, prev.Epoch, err)
+			}
+		}
+	}
+	dev, err := decodeDevState(h, body, base)
+	if err != nil {
+		return nil, fmt.Errorf("epoch %d: %w", n, err)
+	}
+	return dev, nil
 }
 
 // Promote resumes the committed checkpoint in a standby QEMU: one started

@@ -3,7 +3,9 @@ package lockstep_test
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -16,6 +18,7 @@ import (
 	"github.com/ftctl/ftctl/pkg/lockstep"
 	"github.com/ftctl/ftctl/pkg/lockstep/wire"
 	"github.com/ftctl/ftctl/pkg/memsync"
+	"github.com/klauspost/compress/zstd"
 )
 
 const (
@@ -36,6 +39,8 @@ type fakePrimary struct {
 	log    *eventlog.Log
 	events *eventlog.Pipe
 	next   uint64
+	dev    *lockstep.DevStateEncoder
+	rom    []byte // the unchanging bulk of the fake device state
 }
 
 func newFakePrimary(t *testing.T) *fakePrimary {
@@ -46,6 +51,13 @@ func newFakePrimary(t *testing.T) *fakePrimary {
 	f := &fakePrimary{t: t, rng: rand.New(rand.NewPCG(1, 2)), ram: make([]byte, fakePages*memsync.PageSize),
 		base: memsync.NewBase(fakePages), enc: enc, disk: backend.NewMem(fakeDiskSize), events: eventlog.NewPipe(64 << 20), next: 1}
 	f.log = eventlog.New(f.disk, f.events, eventlog.Options{})
+	if f.dev, err = lockstep.NewDevStateEncoder(); err != nil {
+		t.Fatal(err)
+	}
+	f.rom = make([]byte, 32<<10)
+	for i := range f.rom {
+		f.rom[i] = byte(f.rng.IntN(256))
+	}
 	return f
 }
 
@@ -68,10 +80,11 @@ func (f *fakePrimary) dirty(n uint64, count int) *memsync.Snapshot {
 }
 
 type epochOut struct {
-	man   lockstep.Manifest
-	mem   [][]byte
-	dev   []byte
-	block [][]byte // encoded block record batches, sent before the epoch
+	man      lockstep.Manifest
+	mem      [][]byte
+	dev      []byte   // the device state
+	devFrame []byte   // its payload on the wire (encoded against the last one)
+	block    [][]byte // encoded block record batches, sent before the epoch
 }
 
 func (f *fakePrimary) epoch(kind lockstep.Kind, pages, writes int) epochOut {
@@ -103,7 +116,14 @@ func (f *fakePrimary) epoch(kind lockstep.Kind, pages, writes int) epochOut {
 			}
 			out.block = append(out.block, r.AppendBinary(nil))
 		}
-		out.dev = []byte("device state of epoch " + string(rune('0'+n%10)))
+		// Like QEMU's: a large part that never changes and a few bytes
+		// that do.
+		out.dev = fmt.Appendf(nil, "device state of epoch %d;", n)
+		out.dev = append(out.dev, f.rom...)
+		out.dev = fmt.Appendf(out.dev, "clock %d", f.rng.Uint64())
+		if out.devFrame, _, err = f.dev.Encode(n, out.dev); err != nil {
+			f.t.Fatal(err)
+		}
 	}
 	return out
 }
@@ -127,8 +147,8 @@ func (e epochOut) send(t *testing.T, c wire.Conn, es *wire.EpochSender) error {
 			return err
 		}
 	}
-	if e.dev != nil {
-		if err := es.Send(ctx, wire.TypeDevState, e.dev); err != nil {
+	if e.devFrame != nil {
+		if err := es.Send(ctx, wire.TypeDevState, e.devFrame); err != nil {
 			return err
 		}
 	}
@@ -342,7 +362,7 @@ func TestSecondaryRefusesWrongFrameCount(t *testing.T) {
 func TestSecondaryRefusesCheckpointWithoutDeviceState(t *testing.T) {
 	badCase(t, lockstep.ErrProtocol, func(p *fakePrimary, c wire.Conn, es *wire.EpochSender) error {
 		e := p.epoch(lockstep.KindCheckpoint, 8, 0)
-		e.dev = nil
+		e.devFrame = nil
 		e.man.MemFrames = 1
 		return e.send(t, c, es)
 	})
@@ -439,4 +459,135 @@ func TestSecondaryFinishesCommitAfterCrash(t *testing.T) {
 	if dev, n, err := s2.sec.DeviceState(); err != nil || n != 3 || !bytes.Equal(dev, e3.dev) {
 		t.Fatalf("device state after reopen: %q %d %v", dev, n, err)
 	}
+}
+
+// TestSecondaryRefusesBadDeviceState: a device-state payload that is
+// malformed, relative to a base the replica does not hold, or that does not
+// decode to exactly what its header promises is refused with ErrProtocol,
+// and the committed checkpoint (RAM, disk, device state) stays as it was.
+func TestSecondaryRefusesBadDeviceState(t *testing.T) {
+	const (
+		offCodec     = 1
+		offBaseEpoch = 2
+		offBaseSum   = 10
+		offRawLen    = 18
+		offSum       = 22
+	)
+	bomb, err := zstd.NewWriter(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cases := []struct {
+		name   string
+		mangle func(t *testing.T, p *fakePrimary, e *epochOut)
+	}{
+		{"ShortHeader", func(t *testing.T, p *fakePrimary, e *epochOut) {
+			e.devFrame = e.devFrame[:lockstep.DevHeaderLen-1]
+		}},
+		{"Version", func(t *testing.T, p *fakePrimary, e *epochOut) { e.devFrame[0]++ }},
+		{"UnknownCodec", func(t *testing.T, p *fakePrimary, e *epochOut) { e.devFrame[offCodec] = 77 }},
+		{"BaseIsSyncEpoch", func(t *testing.T, p *fakePrimary, e *epochOut) {
+			binary.BigEndian.PutUint64(e.devFrame[offBaseEpoch:], 1)
+		}},
+		{"BaseIsItself", func(t *testing.T, p *fakePrimary, e *epochOut) {
+			binary.BigEndian.PutUint64(e.devFrame[offBaseEpoch:], e.man.Epoch)
+		}},
+		{"BaseChecksum", func(t *testing.T, p *fakePrimary, e *epochOut) { e.devFrame[offBaseSum+7] ^= 1 }},
+		{"OtherBase", func(t *testing.T, p *fakePrimary, e *epochOut) {
+			// A primary whose previous state differs from the committed one
+			// (the same epoch numbers): the base checksum gives it away.
+			enc, err := lockstep.NewDevStateEncoder()
+			if err != nil {
+				t.Fatal(err)
+			}
+			other := bytes.Clone(e.dev)
+			other[len(other)/2] ^= 0xff
+			if _, _, err := enc.Encode(e.man.Epoch-1, other); err != nil {
+				t.Fatal(err)
+			}
+			if e.devFrame, _, err = enc.Encode(e.man.Epoch, e.dev); err != nil {
+				t.Fatal(err)
+			}
+		}},
+		{"StateChecksum", func(t *testing.T, p *fakePrimary, e *epochOut) { e.devFrame[offSum] ^= 0x80 }},
+		{"CorruptBody", func(t *testing.T, p *fakePrimary, e *epochOut) {
+			e.devFrame[lockstep.DevHeaderLen+(len(e.devFrame)-lockstep.DevHeaderLen)/2] ^= 0x5a
+		}},
+		{"TruncatedBody", func(t *testing.T, p *fakePrimary, e *epochOut) { e.devFrame = e.devFrame[:len(e.devFrame)-3] }},
+		{"LengthShort", func(t *testing.T, p *fakePrimary, e *epochOut) {
+			binary.BigEndian.PutUint32(e.devFrame[offRawLen:], uint32(len(e.dev)-1))
+		}},
+		{"LengthLong", func(t *testing.T, p *fakePrimary, e *epochOut) {
+			binary.BigEndian.PutUint32(e.devFrame[offRawLen:], uint32(len(e.dev)+1))
+		}},
+		{"LengthOverBound", func(t *testing.T, p *fakePrimary, e *epochOut) {
+			binary.BigEndian.PutUint32(e.devFrame[offRawLen:], lockstep.MaxDevState+1)
+		}},
+		{"Bomb", func(t *testing.T, p *fakePrimary, e *epochOut) {
+			// A small payload announcing 1 KiB that inflates to 16 MiB.
+			hdr := make([]byte, lockstep.DevHeaderLen)
+			hdr[0], hdr[offCodec] = e.devFrame[0], 1 // version, whole state (zstd)
+			binary.BigEndian.PutUint32(hdr[offRawLen:], 1024)
+			e.devFrame = bomb.EncodeAll(make([]byte, 16<<20), hdr)
+			if len(e.devFrame) > 64<<10 {
+				t.Fatalf("test is void: the bomb is %d bytes", len(e.devFrame))
+			}
+		}},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			badCase(t, lockstep.ErrProtocol, func(p *fakePrimary, conn wire.Conn, es *wire.EpochSender) error {
+				e := p.epoch(lockstep.KindCheckpoint, 8, 0)
+				c.mangle(t, p, &e)
+				return e.send(t, conn, es)
+			})
+		})
+	}
+}
+
+// TestSecondaryDeviceStateDeltas: after the first checkpoint, device states
+// travel as small deltas, the secondary stores them decoded (what Promote
+// restores), and a reopened secondary decodes the next delta against the
+// state it stored before the restart.
+func TestSecondaryDeviceStateDeltas(t *testing.T) {
+	p := newFakePrimary(t)
+	s := openFakeSecondary(t, t.TempDir())
+	c, acks, done := s.run(t)
+	es := wire.NewEpochSender(c)
+	send := func(c wire.Conn, es *wire.EpochSender, acks chan uint64, done chan error, e epochOut) {
+		t.Helper()
+		if err := e.send(t, c, es); err != nil {
+			t.Fatal(err)
+		}
+		waitAck(t, acks, done, e.man.Epoch)
+		if !e.man.Kind.Resumable() {
+			return
+		}
+		dev, n, err := s.sec.DeviceState()
+		if err != nil || n != e.man.Epoch || !bytes.Equal(dev, e.dev) {
+			t.Fatalf("epoch %d: stored device state of epoch %d (%v) differs from the primary's", e.man.Epoch, n, err)
+		}
+	}
+	send(c, es, acks, done, p.epoch(lockstep.KindSync, 8, 0))
+	first := p.epoch(lockstep.KindCheckpoint, 8, 2)
+	send(c, es, acks, done, first)
+	for range 3 {
+		e := p.epoch(lockstep.KindCheckpoint, 8, 2)
+		if len(e.devFrame)*20 > len(first.devFrame) {
+			t.Fatalf("epoch %d: delta of %d bytes, the first (full) state took %d", e.man.Epoch, len(e.devFrame), len(first.devFrame))
+		}
+		send(c, es, acks, done, e)
+	}
+	c.Close()
+	<-done
+	s.close()
+
+	s = openFakeSecondary(t, s.dir)
+	defer s.close()
+	c2, acks2, done2 := s.run(t)
+	e := p.epoch(lockstep.KindCheckpoint, 8, 2)
+	if len(e.devFrame)*20 > len(first.devFrame) {
+		t.Fatalf("epoch %d: %d bytes, not a delta", e.man.Epoch, len(e.devFrame))
+	}
+	send(c2, wire.NewEpochSender(c2), acks2, done2, e)
 }

@@ -62,16 +62,27 @@ func (p ProbeArbiter) MayPromote(ctx context.Context, q ArbiterQuery) (bool, str
 		}
 	}
 	var chain failover.Chain
+	var seen probeRecorder
 	var notes []string
 	chain.Report = func(i int, d failover.Decision, err error) {
 		n := fmt.Sprintf("arbiter %d: %v", i, d)
+		if i == 0 && seen.ran {
+			// The probe's own words: a user must see why the VM was
+			// judged alive or dead.
+			if seen.res.Alive {
+				n += fmt.Sprintf(" (the VM answers on the LAN: %s %s)", seen.res.By, seen.res.Detail)
+			} else {
+				n += fmt.Sprintf(" (the VM is silent on the LAN: %s)", seen.res.Detail)
+			}
+		}
 		if err != nil {
 			n += fmt.Sprintf(" (%v)", err)
 		}
 		notes = append(notes, n)
 	}
 	if len(probes) > 0 {
-		chain.Arbiters = append(chain.Arbiters, failover.ProbeArbiter{Probe: probes, SilenceMeansDead: p.SilenceMeansDead})
+		seen.p = probes
+		chain.Arbiters = append(chain.Arbiters, failover.ProbeArbiter{Probe: &seen, SilenceMeansDead: p.SilenceMeansDead})
 	} else {
 		notes = append(notes, "no probe address configured for the VM")
 	}
@@ -80,4 +91,18 @@ func (p ProbeArbiter) MayPromote(ctx context.Context, q ArbiterQuery) (bool, str
 	}
 	d, err := chain.Decide(ctx, failover.Evidence{VM: q.VM})
 	return d == failover.Promote, strings.Join(notes, "; "), err
+}
+
+// probeRecorder keeps the result of the probe it wraps, for the reason a
+// secondary shows.
+type probeRecorder struct {
+	p   failover.Probe
+	ran bool
+	res failover.Result
+}
+
+func (r *probeRecorder) Probe(ctx context.Context) (failover.Result, error) {
+	res, err := r.p.Probe(ctx)
+	r.ran, r.res = err == nil, res
+	return res, err
 }

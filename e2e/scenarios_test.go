@@ -111,6 +111,9 @@ func TestPrimaryHostDies(t *testing.T) {
 	if !strings.Contains(sb.Reason, "primary lost (nothing heard from the peer") {
 		t.Errorf("B's reason does not say the link went silent: %q", sb.Reason)
 	}
+	if !strings.Contains(sb.Reason, "the VM is silent on the LAN") {
+		t.Errorf("B's reason does not say what its probe saw: %q", sb.Reason)
+	}
 	if epoch < st.Epoch {
 		t.Fatalf("B resumed epoch %d, but A had epoch %d acknowledged before it died", epoch, st.Epoch)
 	}
@@ -181,6 +184,9 @@ func TestReplicationLinkCut(t *testing.T) {
 	}
 	if !strings.Contains(sb.Reason, "primary link lost (nothing heard from the peer") {
 		t.Errorf("B's reason does not say the link went silent: %q", sb.Reason)
+	}
+	if !strings.Contains(sb.Reason, "the VM answers on the LAN") {
+		t.Errorf("B's reason does not say its probe found the VM alive: %q", sb.Reason)
 	}
 	if strings.Contains(sb.Reason, "<nil>") {
 		t.Errorf("B's reason shows a Go nil: %q", sb.Reason)

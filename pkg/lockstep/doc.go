@@ -14,7 +14,9 @@
 //	  block log: MarkEpoch (stop drained all I/O, so every write of N is in)
 //	  output buffer: Seal(N)
 //	QMP cont — the guest runs on speculatively
-//	encode pages (XOR + compression) and send: manifest, memory, device state, END
+//	encode pages (XOR + compression) and the device state (a delta
+//	  against the previous checkpoint's, see devstate.go)
+//	send: manifest, memory, device state, END
 //	ACK(N) → release the guest output of epochs <= N
 //
 // Block write events are not part of the epoch frames: they stream to the
@@ -30,13 +32,15 @@
 // The secondary stages the pages (memsync.Replica) and the block events
 // (replay.Replayer) of N as they arrive. When END(N) arrives and the epoch's
 // digest verifies, it commits in an order that survives a crash at any
-// point: (1) the epoch's metadata and device state are written durably;
+// point: (1) the epoch's metadata and device state (rebuilt from its delta
+// and verified against the primary's checksum) are written durably;
 // (2) the replica RAM commits N (its redo journal makes this the commit
 // point); (3) the replayer applies the block epochs up to the one N closed;
 // (4) ACK(N). Reopening after a crash between (2) and (3) finishes (3) from
 // the metadata, because staged block epochs are durable. A torn epoch (a
 // digest mismatch, a missing frame, a connection lost before END) is
-// discarded whole: the replica stays on N-1.
+// discarded whole: the replica stays on N-1. The stored device state is
+// the base of the next epoch's delta, also after a restart.
 //
 // # Initial synchronisation
 //

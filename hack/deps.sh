@@ -13,6 +13,8 @@ PKGS=(
 	cpio                 # inspect the initramfs by hand (the builder writes newc itself)
 	procps               # pgrep/ps used by hack scripts
 	socat                # poking at QMP sockets by hand
+	libvirt-daemon-system # libvirtd + QEMU driver; creates the libvirt-qemu user libvirtd's QEMU driver needs to start
+	libvirt-clients      # virsh, for looking at test daemons by hand (hack/libvirtd.sh)
 )
 
 missing=()

@@ -20,7 +20,8 @@ build:
 guest: deps
 	$(GO) run ./hack/mkguest
 
-# The main job: boot the built-in guest, checkpoint it, kill it, resume it.
+# The main job: protect the built-in guest on two hosts (namespaces), kill
+# the primary host, verify that nothing the client saw acknowledged is lost.
 demo: deps build guest
 	$(BIN) demo
 

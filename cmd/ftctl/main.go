@@ -48,6 +48,7 @@ Run 'ftctl agent' on every KVM host; then 'ftctl start' a VM under it,
 			certCommand(),
 			vmCommand(),
 			demoCommand(),
+			benchCommand(),
 		}, vmOpsCommands()...),
 	}
 }

@@ -32,6 +32,9 @@ const vmName = "web"
 // peerPort is where each agent accepts replication links.
 const peerPort = "7480"
 
+// mgmtPort is where each agent answers management heartbeats.
+const mgmtPort = "7481"
+
 var quiet = slog.New(slog.DiscardHandler)
 
 var (
@@ -84,6 +87,8 @@ type cluster struct {
 	// more agents a scenario started besides a and b
 	more []*agentProc
 	cert string // directory of ca.pem and the hosts' key pairs
+	// mgmtKey is the key file of the agents' management heartbeats.
+	mgmtKey string
 }
 
 // agentProc is one `ftctl agent` process inside a host's namespace.
@@ -96,6 +101,9 @@ type agentProc struct {
 	log    string // stderr of every run, appended
 	listen string // host:port of the peer listener
 	pki    string // directory of ca.pem, NAME.pem and NAME-key.pem
+	// mgmt is the management heartbeat address (host:port on the bed's
+	// management network); empty runs the agent without the second path.
+	mgmt   string
 	extra  []string
 	cmd    *exec.Cmd
 	exited chan struct{}
@@ -115,6 +123,13 @@ func requireEnv(t *testing.T) {
 // newCluster builds the bed, issues credentials with the CLI and starts
 // both agents. Everything is removed when the test ends, failed or not.
 func newCluster(t *testing.T, timeout time.Duration) *cluster {
+	t.Helper()
+	return newClusterWith(t, timeout, nil)
+}
+
+// newClusterWith is newCluster with setup run on the agents (and the bed)
+// before they start: flags, a third host.
+func newClusterWith(t *testing.T, timeout time.Duration, setup func(c *cluster)) *cluster {
 	t.Helper()
 	requireEnv(t)
 	ctx := testenv.Deadline(t, timeout)
@@ -143,8 +158,13 @@ func newCluster(t *testing.T, timeout time.Duration) *cluster {
 	c.mustCLI("cert", "init", "--dir", c.cert)
 	c.mustCLI("cert", "issue", "--dir", c.cert, "host-a", "--host", c.bed.A.ReplAddr.String())
 	c.mustCLI("cert", "issue", "--dir", c.cert, "host-b", "--host", c.bed.B.ReplAddr.String())
+	c.mgmtKey = filepath.Join(c.root, "mgmt.key")
+	c.mustCLI("cert", "psk", c.mgmtKey)
 	c.a = c.newAgent("host-a", c.bed.A)
 	c.b = c.newAgent("host-b", c.bed.B)
+	if setup != nil {
+		setup(c)
+	}
 	c.a.start()
 	c.b.start()
 	return c
@@ -161,7 +181,8 @@ func (c *cluster) newAgentIn(dir, name string, h *testbed.Host) *agentProc {
 		c.t.Fatal(err)
 	}
 	return &agentProc{c: c, name: name, host: h, dir: dir, sock: filepath.Join(dir, "agent.sock"),
-		log: filepath.Join(dir, "agent.log"), listen: h.ReplAddr.String() + ":" + peerPort, pki: c.cert}
+		log: filepath.Join(dir, "agent.log"), listen: h.ReplAddr.String() + ":" + peerPort, pki: c.cert,
+		mgmt: h.MgmtAddr.String() + ":" + mgmtPort}
 }
 
 // start runs the agent (again) with its directories and waits until its
@@ -176,6 +197,9 @@ func (p *agentProc) start() {
 		"--state-dir", filepath.Join(p.dir, "state"), "--run-dir", filepath.Join(p.dir, "run"),
 		"--ram-dir", filepath.Join(p.dir, "ram"), "--socket", p.sock,
 		"--arbiter", "probe", "--peer-timeout", "1s"}
+	if p.mgmt != "" {
+		args = append(args, "--mgmt-listen", p.mgmt, "--mgmt-key-file", c.mgmtKey)
+	}
 	args = append(args, p.extra...)
 	logf, err := os.OpenFile(p.log, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {

@@ -17,7 +17,13 @@ import (
 // and it is protected on B.
 func protectedVM(t *testing.T) (*cluster, *vmClient) {
 	t.Helper()
-	c := newCluster(t, 4*time.Minute)
+	return protectedVMWith(t, nil)
+}
+
+// protectedVMWith is protectedVM on a cluster prepared by setup.
+func protectedVMWith(t *testing.T, setup func(*cluster)) (*cluster, *vmClient) {
+	t.Helper()
+	c := newClusterWith(t, 4*time.Minute, setup)
 	c.startVM(c.a)
 	vc := newVMClient(t, c)
 	if err := vc.connectLong(c.ctx); err != nil {
@@ -161,12 +167,24 @@ func TestPrimaryHostDies(t *testing.T) {
 }
 
 // TestReplicationLinkCut: only the replication link between A and B
-// breaks; the LAN works. B's probe finds the VM answering on the LAN, so B
-// does not promote: its standby QEMU stays waiting for a migration. A goes
-// on degraded, its output released, and serves the client. With the link
+// breaks; the LAN and the management network work. With the management
+// path, B hears A's agent there after the link died and does not promote,
+// without probing the LAN; without it (the agents have no --mgmt-listen),
+// B's probe finds the VM answering on the LAN, and does not promote either.
+// Either way B's standby QEMU stays waiting for a migration, and A goes on
+// degraded, its output released, and serves the client. With the link
 // back, pairing again protects the VM again.
 func TestReplicationLinkCut(t *testing.T) {
-	c, vc := protectedVM(t)
+	t.Run("management path", func(t *testing.T) { replicationLinkCut(t, true) })
+	t.Run("LAN probe", func(t *testing.T) { replicationLinkCut(t, false) })
+}
+
+func replicationLinkCut(t *testing.T, mgmt bool) {
+	c, vc := protectedVMWith(t, func(c *cluster) {
+		if !mgmt {
+			c.a.mgmt, c.b.mgmt = "", ""
+		}
+	})
 	cutT := time.Now()
 	if err := c.bed.CutReplication(); err != nil {
 		t.Fatal(err)
@@ -185,7 +203,16 @@ func TestReplicationLinkCut(t *testing.T) {
 	if !strings.Contains(sb.Reason, "primary link lost (nothing heard from the peer") {
 		t.Errorf("B's reason does not say the link went silent: %q", sb.Reason)
 	}
-	if !strings.Contains(sb.Reason, "the VM answers on the LAN") {
+	if mgmt {
+		if !strings.Contains(sb.Reason, "answered on the management path") || !strings.Contains(sb.Reason, "only the replication link failed") {
+			t.Errorf("B's reason does not say the management path showed A alive: %q", sb.Reason)
+		}
+		if strings.Contains(sb.Reason, "LAN") {
+			t.Errorf("B probed the LAN although the management path decided: %q", sb.Reason)
+		}
+		sa = c.a.waitReason(vmName, "only the replication link failed", 30*time.Second)
+		t.Logf("A's reason once the management path told: %s", sa.Reason)
+	} else if !strings.Contains(sb.Reason, "the VM answers on the LAN") {
 		t.Errorf("B's reason does not say its probe found the VM alive: %q", sb.Reason)
 	}
 	if strings.Contains(sb.Reason, "<nil>") {
@@ -413,6 +440,7 @@ func TestCLIErrors(t *testing.T) {
 	rogue := c.newAgentIn("host-b-other", "host-b", c.bed.B)
 	rogue.pki, rogue.listen = other, c.bed.B.ReplAddr.String()+":7481"
 	rogue.sock = filepath.Join(rogue.dir, "agent.sock")
+	rogue.mgmt = "" // B's agent answers heartbeats on its management address
 	c.more = append(c.more, rogue)
 	rogue.start()
 	refused(c.a.cli("pair", vmName, rogue.listen), "connect to", "certificate")

@@ -52,7 +52,15 @@ peers. Start one on every KVM host. Peers authenticate each other with
 certificates from one 'ftctl cert init' (or with a pre-shared key file).
 
 Failure handling: a replication link silent for --peer-timeout is dead. The
-primary then runs on alone (degraded). The secondary asks its arbiter: with
+primary then runs on alone (degraded). With --mgmt-listen on both agents,
+they also exchange authenticated UDP heartbeats over a second network (key:
+--mgmt-key-file, or derived from --psk-file); if the peer's agent still
+answers there after the replication link ended, only the link failed and the
+secondary does not promote, without probing the LAN.
+
+The primary polls each VM's QEMU over QMP; one silent for --qmp-timeout is
+hung: shown in status, and, while the VM is protected, killed, and the
+secondary is told to take over at once (as when QEMU exits by itself). The secondary asks its arbiter: with
 --arbiter probe it checks whether the VM still answers on the LAN (ARP on
 --probe-interface, ICMP, TCP to the VM's --probe-port services); an answer
 means only the link broke, so it does not promote. With --arbiter none it
@@ -69,7 +77,10 @@ never promotes on its own (planned failovers still work).`,
 			&cli.StringFlag{Name: "key", Usage: "this host's private key"},
 			&cli.StringFlag{Name: "psk-file", Usage: "pre-shared key file instead of certificates (ftctl cert psk)"},
 			&cli.StringFlag{Name: "bridge", Usage: "bridge the VMs' taps join"},
-			&cli.DurationFlag{Name: "peer-timeout", Value: time.Second, Usage: "a replication link silent this long is dead"},
+			&cli.DurationFlag{Name: "peer-timeout", Value: time.Second, Usage: "a replication link silent this long is dead; also the management path's timeout"},
+			&cli.DurationFlag{Name: "qmp-timeout", Value: agent.DefaultQMPTimeout, Usage: "a primary QEMU not answering QMP this long is hung (killed while protected, so the secondary takes over)"},
+			&cli.StringFlag{Name: "mgmt-listen", Usage: "answer management heartbeats (UDP) on `HOST:PORT`, this host's address on a network other than the replication link's"},
+			&cli.StringFlag{Name: "mgmt-key-file", Usage: "key `FILE` for management heartbeats (ftctl cert psk); default: derived from --psk-file"},
 			&cli.StringFlag{Name: "policy", Value: "io", Usage: "checkpoint trigger: io (on guest output) or periodic"},
 			&cli.DurationFlag{Name: "min-interval", Value: lockstep.DefaultMinInterval, Usage: "io policy: least time between checkpoints"},
 			&cli.DurationFlag{Name: "max-interval", Value: lockstep.DefaultMaxInterval, Usage: "io policy: most time between checkpoints"},
@@ -92,7 +103,7 @@ func agentConfig(cmd *cli.Command) (agent.Config, error) {
 	cfg := agent.Config{
 		Name: cmd.String("name"), StateDir: cmd.String("state-dir"), RunDir: cmd.String("run-dir"),
 		RAMDir: cmd.String("ram-dir"), ControlSocket: cmd.String("socket"), PeerAddr: cmd.String("listen"),
-		Bridge: cmd.String("bridge"), PeerTimeout: cmd.Duration("peer-timeout"),
+		Bridge: cmd.String("bridge"), PeerTimeout: cmd.Duration("peer-timeout"), QMPTimeout: cmd.Duration("qmp-timeout"),
 		Policy: lockstep.Policy{Mode: lockstep.Mode(cmd.String("policy")), MinInterval: cmd.Duration("min-interval"),
 			MaxInterval: cmd.Duration("max-interval"), Period: cmd.Duration("period")},
 		Logger: slog.New(slog.NewTextHandler(cmd.Root().ErrWriter, &slog.HandlerOptions{Level: lvl})),
@@ -121,6 +132,23 @@ func agentConfig(cmd *cli.Command) (agent.Config, error) {
 	case cmd.String("ca") != "" || cmd.String("cert") != "" || cmd.String("key") != "":
 		if cfg.Credentials, err = wire.CredentialsFromFiles(cmd.String("ca"), cmd.String("cert"), cmd.String("key")); err != nil {
 			return cfg, fmt.Errorf("credentials: %w (all of --ca, --cert and --key are needed)", err)
+		}
+	}
+	if addr := cmd.String("mgmt-listen"); addr != "" {
+		cfg.MgmtAddr = addr
+		switch {
+		case cmd.String("mgmt-key-file") != "":
+			if cfg.MgmtKey, err = wire.ReadPSKFile(cmd.String("mgmt-key-file")); err != nil {
+				return cfg, fmt.Errorf("--mgmt-key-file: %w", err)
+			}
+		case cmd.String("psk-file") != "":
+			key, err := wire.ReadPSKFile(cmd.String("psk-file"))
+			if err != nil {
+				return cfg, err
+			}
+			cfg.MgmtKey = agent.MgmtKeyFromPSK(key)
+		default:
+			return cfg, cli.Exit("--mgmt-listen needs --mgmt-key-file (ftctl cert psk FILE, the same file on both hosts) or --psk-file", 2)
 		}
 	}
 	switch cmd.String("arbiter") {

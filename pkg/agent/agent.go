@@ -10,9 +10,11 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
+	"github.com/ftctl/ftctl/pkg/failover"
 	"github.com/ftctl/ftctl/pkg/lockstep/wire"
 	"github.com/ftctl/ftctl/pkg/vm"
 )
@@ -26,6 +28,7 @@ type Agent struct {
 	guests   map[string]*guest
 	replicas map[string]*replicaVM
 	peerLn   *wire.Listener
+	hbSrv    *failover.HeartbeatServer
 	ctl      net.Listener
 	srv      *http.Server
 	closed   bool
@@ -58,6 +61,17 @@ func (a *Agent) PeerAddr() string {
 	return a.peerLn.Addr().String()
 }
 
+// MgmtAddr is the address the management heartbeat server is bound to
+// (after Start; "" without one).
+func (a *Agent) MgmtAddr() string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.hbSrv == nil {
+		return ""
+	}
+	return a.hbSrv.Addr().String()
+}
+
 // ControlSocket is the path of the control API.
 func (a *Agent) ControlSocket() string { return a.cfg.ControlSocket }
 
@@ -77,7 +91,14 @@ func (a *Agent) Run(ctx context.Context) error {
 	if a.peerLn != nil {
 		go a.acceptPeers(ctx)
 	}
-	a.log.Info("agent running", "control", a.cfg.ControlSocket, "peer", a.PeerAddr())
+	if a.hbSrv != nil {
+		go func() {
+			if err := a.hbSrv.Serve(ctx); err != nil {
+				a.log.Error("management heartbeat server stopped", "err", err)
+			}
+		}()
+	}
+	a.log.Info("agent running", "control", a.cfg.ControlSocket, "peer", a.PeerAddr(), "mgmt", a.MgmtAddr())
 	select {
 	case <-ctx.Done():
 	case err := <-errc:
@@ -88,6 +109,9 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.srv.Shutdown(sctx)
 	if a.peerLn != nil {
 		a.peerLn.Close()
+	}
+	if a.hbSrv != nil {
+		a.hbSrv.Close()
 	}
 	return nil
 }
@@ -116,6 +140,21 @@ func (a *Agent) listen(ctx context.Context) error {
 		}
 		a.mu.Lock()
 		a.peerLn = pl
+		a.mu.Unlock()
+	}
+	if a.cfg.MgmtAddr != "" {
+		// Pings only prove the pinging peer alive to the peer itself (the
+		// pongs); this server just answers.
+		hs, err := failover.ListenHeartbeat(ctx, a.cfg.MgmtAddr, failover.HeartbeatServerConfig{Key: a.cfg.MgmtKey})
+		if err != nil {
+			ln.Close()
+			if a.peerLn != nil {
+				a.peerLn.Close()
+			}
+			return fmt.Errorf("management heartbeats on %s: %w", a.cfg.MgmtAddr, err)
+		}
+		a.mu.Lock()
+		a.hbSrv = hs
 		a.mu.Unlock()
 	}
 	return nil
@@ -149,6 +188,19 @@ func (a *Agent) servePeer(ctx context.Context, c wire.Conn) {
 		c.Close()
 		return
 	}
+	if m.Op == opVMLost {
+		// The primary's VM died and its replication link was gone
+		// already: the news comes on a link of its own.
+		err := a.vmLostNews(m, c.Peer())
+		reply := message{Op: opReady, VM: m.VM}
+		if err != nil {
+			a.log.Warn("refusing a vm-lost report", "vm", m.VM, "peer", c.Peer(), "err", err)
+			reply = message{Op: opRefused, VM: m.VM, Error: err.Error()}
+		}
+		sendMsg(ctx, wc, reply)
+		c.Close()
+		return
+	}
 	if m.Op != opProtect {
 		sendMsg(ctx, wc, message{Op: opRefused, Error: fmt.Sprintf("unexpected %q", m.Op)})
 		c.Close()
@@ -164,13 +216,43 @@ func (a *Agent) servePeer(ctx context.Context, c wire.Conn) {
 		c.Close()
 		return
 	}
-	r.conn = wc
-	if err := sendMsg(ctx, wc, message{Op: opReady, VM: m.VM}); err != nil {
+	if r.health, err = a.newPeerHealth(m.Mgmt); err != nil {
+		a.log.Warn("peer health", "vm", m.VM, "err", err)
+		sendMsg(ctx, wc, message{Op: opRefused, VM: m.VM, Error: err.Error()})
+		c.Close()
 		a.dropReplica(r)
 		return
 	}
+	wc.health.Store(r.health)
+	if err := sendMsg(ctx, wc, message{Op: opReady, VM: m.VM, Mgmt: a.MgmtAddr()}); err != nil {
+		// r.conn is still nil: stop must not wait for a run that never
+		// started.
+		c.Close()
+		a.dropReplica(r)
+		return
+	}
+	r.conn = wc
 	r.setState(StateStandby, "protecting for "+m.From)
 	r.run(context.WithoutCancel(ctx))
+}
+
+// vmLostNews hands a primary's report that its VM died to the replica
+// it concerns, and ends that replica's link so it decides at once.
+func (a *Agent) vmLostNews(m message, authPeer string) error {
+	a.mu.Lock()
+	r, ok := a.replicas[m.VM]
+	a.mu.Unlock()
+	if !ok {
+		return fmt.Errorf("%w: %s", ErrNotFound, m.VM)
+	}
+	if m.From != r.peer && authPeer != r.peer {
+		return fmt.Errorf("%w: %s is protected for %s, not %s", ErrPeer, m.VM, r.peer, m.From)
+	}
+	r.noteVMLost(m.Error)
+	if r.conn != nil {
+		r.conn.Close()
+	}
+	return nil
 }
 
 func (a *Agent) acceptProtect(ctx context.Context, m message) (*replicaVM, error) {
@@ -220,6 +302,7 @@ func (a *Agent) dropReplica(r *replicaVM) {
 // adoptPromoted turns a promoted replica into a guest of this host, which
 // can then be paired again (re-protection).
 func (a *Agent) adoptPromoted(r *replicaVM) {
+	r.health.close()
 	if r.replayer != nil {
 		r.replayer.Close()
 	}
@@ -236,7 +319,7 @@ func (a *Agent) adoptPromoted(r *replicaVM) {
 	a.guests[r.name] = g
 	a.mu.Unlock()
 	g.setState(StatePromoted, r.reason)
-	go g.watchQEMU()
+	go g.watch()
 }
 
 // forget drops a VM that left this host.
@@ -362,6 +445,10 @@ func (a *Agent) Status(name string) ([]VMStatus, error) {
 // must not hang on a QEMU that stopped answering).
 func withRunState(s VMStatus, m *vm.Machine) VMStatus {
 	if m == nil || s.PID == 0 {
+		return s
+	}
+	if strings.HasPrefix(s.QEMUHealth, "QEMU hung") {
+		s.RunState = "not-responding"
 		return s
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)

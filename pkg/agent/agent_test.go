@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -64,6 +65,7 @@ func newHost(t *testing.T, ca *wire.CA, name string) *host {
 		Name: name, StateDir: filepath.Join(dir, "state"), RunDir: filepath.Join(dir, "run"), RAMDir: filepath.Join(dir, "ram"),
 		PeerAddr: "127.0.0.1:0", Credentials: creds, Arbiter: yesArbiter{}, Logger: quiet,
 		Policy: lockstep.Policy{MaxInterval: 100 * time.Millisecond}, PeerTimeout: 2 * time.Second,
+		QMPTimeout: time.Second,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -215,5 +217,85 @@ func TestPairFailoverFailback(t *testing.T) {
 	}
 	if err := A.c.Stop(ctx, "web"); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestHungPrimary: a primary QEMU frozen with SIGSTOP stops answering QMP.
+// Unprotected, the hang is only reported (status shows it hung and not
+// responding) and clears when QEMU runs again. Protected, A kills the hung
+// QEMU and tells B, whose agent promotes at once; A shows the VM stopped
+// and why.
+func TestHungPrimary(t *testing.T) {
+	img := testenv.Guest(t)
+	ctx := testenv.Deadline(t, 3*time.Minute)
+	ca, err := wire.NewCA("test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	A, B := newHost(t, ca, "host-a"), newHost(t, ca, "host-b")
+	spec := vm.Spec{Name: "web", MemoryMiB: 128, Kernel: img.Kernel, Initrd: img.Initrd, Accel: vm.AccelTCG,
+		Cmdline: img.Cmdline + " ftguest.run=counter ftguest.interval=50ms"}
+	st, err := A.c.Start(ctx, agent.StartRequest{Spec: spec})
+	if err != nil {
+		t.Fatal(err)
+	}
+	A.waitSerial(t, ctx, "web", func(b []byte) bool { return counterlog.Last(b) >= 2 })
+
+	waitHealth := func(hung bool) agent.VMStatus {
+		t.Helper()
+		for {
+			s, err := A.c.Get(ctx, "web")
+			if err == nil && strings.HasPrefix(s.QEMUHealth, "QEMU hung") == hung {
+				return s
+			}
+			select {
+			case <-ctx.Done():
+				t.Fatalf("QEMU health never became hung=%v: %+v, %v", hung, s, err)
+			case <-time.After(50 * time.Millisecond):
+			}
+		}
+	}
+	if err := syscall.Kill(st.PID, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	t0 := time.Now()
+	s := waitHealth(true)
+	t.Logf("unprotected, hang reported after %v: %s", time.Since(t0).Round(time.Millisecond), s.QEMUHealth)
+	if s.State != agent.StateUnprotected || s.RunState != "not-responding" || s.PID != st.PID {
+		t.Fatalf("a hung unprotected VM must be left alone and shown hung: %+v", s)
+	}
+	if err := syscall.Kill(st.PID, syscall.SIGCONT); err != nil {
+		t.Fatal(err)
+	}
+	if s = waitHealth(false); s.QEMUHealth != "" || s.State != agent.StateUnprotected {
+		t.Fatalf("after SIGCONT: %+v", s)
+	}
+
+	if _, err := A.c.Pair(ctx, "web", B.a.PeerAddr()); err != nil {
+		t.Fatal(err)
+	}
+	A.waitState(t, ctx, "web", agent.StateProtected)
+	B.waitState(t, ctx, "web", agent.StateStandby)
+	A.waitSerial(t, ctx, "web", func(b []byte) bool { return counterlog.Last(b) >= 10 })
+	if err := syscall.Kill(st.PID, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	t0 = time.Now()
+	before, _ := A.a.Serial("web")
+	sb := B.waitState(t, ctx, "web", agent.StatePromoted)
+	t.Logf("protected, B promoted %v after the SIGSTOP: %s", time.Since(t0).Round(time.Millisecond), sb.Reason)
+	if !strings.Contains(sb.Reason, "QEMU hung") || !strings.Contains(sb.Reason, "primary's agent reports") {
+		t.Fatalf("B's reason does not say the primary reported a hung QEMU: %q", sb.Reason)
+	}
+	sa, err := A.c.Get(ctx, "web")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sa.State != agent.StateStopped || sa.PID != 0 || !strings.Contains(sa.Reason, "killed it") {
+		t.Fatalf("A after killing its hung QEMU: %+v", sa)
+	}
+	after := B.waitSerial(t, ctx, "web", func(b []byte) bool { return counterlog.Last(b) >= counterlog.Last(before)+3 })
+	if vals := counterlog.Values(after); len(vals) == 0 || vals[0] > counterlog.Last(before)+1 {
+		t.Fatalf("B resumed at counter %v, but A had only reached %d", vals, counterlog.Last(before))
 	}
 }

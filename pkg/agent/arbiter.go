@@ -31,6 +31,17 @@ type ProbeArbiter struct {
 
 // MayPromote implements Arbiter.
 func (p ProbeArbiter) MayPromote(ctx context.Context, q ArbiterQuery) (bool, string, error) {
+	if q.PrimaryVMDead != "" {
+		if p.Witness == nil {
+			return true, "the primary's agent reports its VM dead", nil
+		}
+		d, err := p.Witness.Decide(ctx, failover.Evidence{VM: q.VM})
+		note := fmt.Sprintf("the primary's agent reports its VM dead; witness: %v", d)
+		if err != nil {
+			note += fmt.Sprintf(" (%v)", err)
+		}
+		return d == failover.Promote, note, nil
+	}
 	var probes failover.MultiProbe
 	for _, s := range q.Probe.Addrs {
 		addr, err := netip.ParseAddr(s)

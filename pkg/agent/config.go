@@ -3,10 +3,13 @@ package agent
 import (
 	"fmt"
 	"log/slog"
+	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"time"
 
+	"github.com/ftctl/ftctl/pkg/failover"
 	"github.com/ftctl/ftctl/pkg/lockstep"
 	"github.com/ftctl/ftctl/pkg/lockstep/wire"
 	"github.com/ftctl/ftctl/pkg/memsync"
@@ -33,12 +36,25 @@ type Config struct {
 	Credentials *wire.Credentials
 	// Bridge, if set, is the bridge every VM tap joins (the VM's LAN).
 	Bridge string
+	// MgmtAddr, if set, is where this agent answers management heartbeats
+	// (UDP host:port, a concrete address: it is sent to peers in the
+	// pairing handshake). Both agents of a pair need one for the second
+	// path to be used.
+	MgmtAddr string
+	// MgmtKey authenticates management heartbeats (HMAC-SHA256, at least
+	// failover.MinKeyLen bytes), shared by the pair: a --mgmt-key-file, or
+	// MgmtKeyFromPSK of the pair's pre-shared key.
+	MgmtKey []byte
 
 	Policy  lockstep.Policy
 	Tracker memsync.Kind
 	// PeerTimeout: a replication link silent for this long is dead (no
 	// heartbeat, no acknowledgement). Default 1s.
 	PeerTimeout time.Duration
+	// QMPTimeout: a primary's QEMU that has not answered query-status for
+	// this long is hung (reported in status; while protected, killed so
+	// the secondary takes over). Default DefaultQMPTimeout.
+	QMPTimeout time.Duration
 	// Arbiter decides, when a primary is lost, whether this secondary may
 	// promote. Nil means never promote on failure (planned switchovers
 	// still work): safe, but no automatic failover.
@@ -46,6 +62,11 @@ type Config struct {
 
 	Logger *slog.Logger
 }
+
+// DefaultQMPTimeout is Config.QMPTimeout's default: QMP answers within
+// milliseconds even while a checkpoint runs (the QMP client matches replies
+// by id); seconds of silence means the process is stopped or wedged.
+const DefaultQMPTimeout = 2 * time.Second
 
 // DefaultPeerPort is the replication port when a peer address names none.
 const DefaultPeerPort = "7480"
@@ -76,8 +97,23 @@ func (c Config) withDefaults() (Config, error) {
 	if c.PeerTimeout <= 0 {
 		c.PeerTimeout = time.Second
 	}
+	if c.QMPTimeout <= 0 {
+		c.QMPTimeout = DefaultQMPTimeout
+	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	if c.MgmtAddr != "" {
+		host, _, err := net.SplitHostPort(c.MgmtAddr)
+		if err != nil {
+			return c, fmt.Errorf("%w: management address %q: %v", ErrBadRequest, c.MgmtAddr, err)
+		}
+		if ip, err := netip.ParseAddr(host); host == "" || (err == nil && ip.IsUnspecified()) {
+			return c, fmt.Errorf("%w: management address %q: give this host's own address (peers are told it)", ErrBadRequest, c.MgmtAddr)
+		}
+		if len(c.MgmtKey) < failover.MinKeyLen {
+			return c, fmt.Errorf("%w: management heartbeats need a key of at least %d bytes (--mgmt-key-file, or --psk-file to derive one)", ErrBadRequest, failover.MinKeyLen)
+		}
 	}
 	if c.PeerAddr != "" && c.Credentials == nil {
 		return c, fmt.Errorf("%w: a peer listener needs credentials (ftctl cert)", ErrBadRequest)

@@ -2,17 +2,21 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
 	"github.com/ftctl/ftctl/pkg/blockreplay/eventlog"
 	"github.com/ftctl/ftctl/pkg/blockreplay/initsync"
+	"github.com/ftctl/ftctl/pkg/failover"
 	"github.com/ftctl/ftctl/pkg/lockstep"
 	"github.com/ftctl/ftctl/pkg/lockstep/wire"
 	"github.com/ftctl/ftctl/pkg/memsync"
+	"github.com/ftctl/ftctl/pkg/qmp"
 	"github.com/ftctl/ftctl/pkg/vm"
 )
 
@@ -37,12 +41,17 @@ type guest struct {
 	// extra files the guest owns beyond what vm.Machine removes (the
 	// replica RAM file a promoted guest runs on).
 	extra []string
+	// health is what the QMP liveness detector says when not all is well.
+	health string
+	// killedFor is why the agent killed a hung QEMU.
+	killedFor string
 }
 
 // protection is one pairing of a guest with a secondary.
 type protection struct {
 	peer     string
 	conn     *watchedConn
+	health   *peerHealth
 	prim     *lockstep.Primary
 	region   *memsync.Region
 	tracker  memsync.Tracker
@@ -53,6 +62,8 @@ type protection struct {
 	err      error
 	handover bool // ended by a planned switchover
 	stopping bool // ended on purpose (unpair, stop)
+	vmLost   bool // ended because the VM died here
+	lostOnce sync.Once
 }
 
 func (g *guest) setState(s State, reason string) {
@@ -101,21 +112,169 @@ func (a *Agent) startGuest(ctx context.Context, spec vm.Spec, probe ProbeSpec) (
 		return nil, err
 	}
 	g.setState(StateUnprotected, "started")
-	go g.watchQEMU()
+	go g.watch()
 	return g, nil
 }
 
-// watchQEMU notices the guest's QEMU dying outside ftctl's control.
-func (g *guest) watchQEMU() {
-	<-g.m.Exited()
+// watch notices the guest's QEMU dying or hanging outside ftctl's
+// control. Its process exiting is certain death. A QEMU that stops
+// answering QMP (query-status, polled by a liveness-only
+// failover.Detector) for QMPTimeout is hung: that is reported in status;
+// and while the VM is protected the hung QEMU is killed — a frozen primary
+// cannot checkpoint, and if it thawed later it would run on beyond the
+// last committed checkpoint next to a promoted copy — after which the
+// exit is handled like any other: the secondary is told to take over.
+func (g *guest) watch() {
+	det, err := failover.NewDetector(failover.Config{
+		Paths: []failover.Path{}, Liveness: g.liveness,
+		Interval: qmpPollInterval(g.a.cfg.QMPTimeout), LivenessTimeout: g.a.cfg.QMPTimeout / 2, Timeout: g.a.cfg.QMPTimeout,
+	})
+	if err != nil {
+		g.a.log.Error("QMP liveness detector", "vm", g.name, "err", err)
+		<-g.m.Exited()
+		g.qemuExited()
+		return
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go det.Run(ctx)
+	for {
+		select {
+		case <-g.m.Exited():
+			g.qemuExited()
+			return
+		case ev := <-det.Events():
+			g.onLiveness(ev)
+		}
+	}
+}
+
+// qmpPollInterval: ten polls per timeout, at most one every 200 ms (each
+// is a QMP round trip into a busy emulator).
+func qmpPollInterval(timeout time.Duration) time.Duration {
+	return max(min(200*time.Millisecond, timeout/10), time.Millisecond)
+}
+
+// liveness is one QMP poll: ErrDead once the process exited.
+func (g *guest) liveness(ctx context.Context) error {
+	select {
+	case <-g.m.Exited():
+		return fmt.Errorf("%w: QEMU exited", failover.ErrDead)
+	default:
+	}
+	if _, err := g.m.QMP().QueryStatus(ctx); err != nil {
+		return fmt.Errorf("query-status: %w", err)
+	}
+	return nil
+}
+
+// onLiveness records the QMP detector's judgement and acts on a hang.
+func (g *guest) onLiveness(ev failover.Event) {
 	g.mu.Lock()
-	st := g.state
+	switch ev.State {
+	case failover.Alive:
+		g.health = ""
+	default:
+		g.health = fmt.Sprintf("QEMU %s: %s", map[failover.State]string{failover.Suspect: "slow to answer QMP", failover.Lost: "hung"}[ev.State], ev.Reason)
+	}
+	st, p := g.state, g.prot
+	g.mu.Unlock()
+	if ev.State != failover.Lost || errors.Is(ev.Liveness, failover.ErrDead) {
+		return
+	}
+	g.a.log.Warn("QEMU not answering", "vm", g.name, "state", st, "reason", ev.Reason)
+	if p == nil || st != StateProtected {
+		// Nobody could take over: killing the VM would only lose it. A
+		// human decides (status shows the hang).
+		return
+	}
+	g.mu.Lock()
+	g.killedFor = fmt.Sprintf("QEMU hung (%s); killed it", ev.Reason)
+	g.mu.Unlock()
+	if err := g.m.Kill(); err != nil {
+		g.a.log.Error("kill hung QEMU", "vm", g.name, "err", err)
+	}
+}
+
+// exitReason says how QEMU ended, with its last words if any.
+func (g *guest) exitReason() string {
+	if e := strings.TrimSpace(g.m.Stderr()); e != "" {
+		return "QEMU exited: " + e
+	}
+	return "QEMU exited"
+}
+
+// qemuExited ends everything that depended on the guest's QEMU.
+func (g *guest) qemuExited() {
+	g.mu.Lock()
+	st, p := g.state, g.prot
+	reason := g.killedFor
 	g.mu.Unlock()
 	if st == StateHandedOver || st == StateStopped {
 		return
 	}
+	if reason == "" {
+		reason = g.exitReason()
+	}
+	if p != nil {
+		g.vmLost(p, reason)
+	}
 	g.stopProtection()
-	g.setState(StateStopped, "QEMU exited: "+g.m.Stderr())
+	g.setState(StateStopped, reason)
+}
+
+// vmLost ends a protection because the VM died here: the held output is
+// dropped (the secondary resumes from before it and produces it again), and
+// the secondary, if it holds a committed checkpoint, is told to take over.
+// The management path would otherwise show it this agent alive, and it
+// would rightly refuse to promote.
+func (g *guest) vmLost(p *protection, reason string) {
+	p.lostOnce.Do(func() {
+		g.mu.Lock()
+		p.vmLost = true
+		g.mu.Unlock()
+		g.dev.stream(nil)
+		drain(p.events)
+		if p.prim.Stats().Checkpoints > 0 {
+			if err := g.tellVMLost(p, reason); err != nil {
+				g.a.log.Error("could not tell the secondary that the VM died", "vm", g.name, "peer", p.peer, "err", err)
+			} else {
+				g.a.log.Info("told the secondary to take over", "vm", g.name, "peer", p.peer, "reason", reason)
+			}
+		}
+		p.cancel()
+		p.conn.Close()
+	})
+}
+
+// tellVMLost sends opVMLost on the replication link, or on a new link if
+// that one is gone.
+func (g *guest) tellVMLost(p *protection, reason string) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	m := message{Op: opVMLost, VM: g.name, From: g.a.cfg.Name, Error: reason}
+	sctx, scancel := context.WithTimeout(ctx, time.Second)
+	err := sendMsg(sctx, p.conn, m)
+	scancel()
+	if err == nil {
+		return nil
+	}
+	raw, derr := wire.Dial(ctx, peerAddr(p.peer), g.a.cfg.Credentials)
+	if derr != nil {
+		return fmt.Errorf("on the link: %v; on a new link: %w", err, derr)
+	}
+	defer raw.Close()
+	if err := sendMsg(ctx, raw, m); err != nil {
+		return err
+	}
+	reply, err := recvMsg(ctx, raw)
+	if err != nil {
+		return err
+	}
+	if reply.Op != opReady {
+		return fmt.Errorf("%w: %s answered %q: %s", ErrPeer, p.peer, reply.Op, reply.Error)
+	}
+	return nil
 }
 
 // pair opens a link to peer and starts protecting the guest there.
@@ -147,7 +306,7 @@ func (g *guest) pair(ctx context.Context, peer string) error {
 	// log's position there; the initial sync then copies the whole disk.
 	c := g.m.QMP()
 	events := eventlog.NewPipe(64 << 20)
-	msg := message{Op: opProtect, VM: g.name, Spec: &g.spec, Probe: g.probe, From: g.a.cfg.Name}
+	msg := message{Op: opProtect, VM: g.name, Spec: &g.spec, Probe: g.probe, From: g.a.cfg.Name, Mgmt: g.a.MgmtAddr()}
 	if err := c.Stop(ctx); err != nil {
 		return fail(err)
 	}
@@ -186,11 +345,17 @@ func (g *guest) pair(ctx context.Context, peer string) error {
 	}
 
 	p := &protection{peer: peer, conn: conn, events: events, done: make(chan struct{})}
+	if p.health, err = g.a.newPeerHealth(reply.Mgmt); err != nil {
+		return undo(err)
+	}
+	conn.health.Store(p.health)
 	if p.region, err = memsync.OpenRegion(g.m.RAMFile(), false); err != nil {
+		p.health.close()
 		return undo(err)
 	}
 	if p.tracker, err = memsync.New(ctx, memsync.Config{Kind: g.a.cfg.Tracker, PID: g.m.PID(), Region: p.region}); err != nil {
 		p.region.Close()
+		p.health.close()
 		return undo(err)
 	}
 	cfg := lockstep.PrimaryConfig{
@@ -209,6 +374,7 @@ func (g *guest) pair(ctx context.Context, peer string) error {
 	if p.prim, err = lockstep.NewPrimary(cfg); err != nil {
 		p.tracker.Close()
 		p.region.Close()
+		p.health.close()
 		return undo(err)
 	}
 	runCtx, runCancel := context.WithCancel(context.Background())
@@ -252,13 +418,52 @@ func (g *guest) runProtection(ctx context.Context, p *protection) {
 	}()
 	err := p.prim.Run(ctx)
 	p.err = err
+	if g.qemuDying(err) {
+		// Not a lost secondary but a lost VM: watch reports it (and
+		// stopProtection waits for done).
+		g.mu.Lock()
+		reason := g.killedFor
+		g.mu.Unlock()
+		if reason == "" {
+			reason = g.exitReason()
+		}
+		g.vmLost(p, reason)
+	}
 	g.mu.Lock()
-	handover := p.handover
+	handover, lost := p.handover, p.vmLost
 	g.mu.Unlock()
-	if !handover {
+	if lost {
+		p.tracker.Close()
+		p.region.Close()
+		p.health.close()
+		g.mu.Lock()
+		if g.prot == p {
+			g.prot = nil
+		}
+		g.mu.Unlock()
+	} else if !handover {
 		g.degrade(p, err)
 	}
 	close(p.done)
+}
+
+// qemuDying says whether the coordinator ended because the guest's QEMU
+// went away: its QMP connection closed and the process exits soon after.
+func (g *guest) qemuDying(err error) bool {
+	select {
+	case <-g.m.Exited():
+		return true
+	default:
+	}
+	if !errors.Is(err, qmp.ErrClosed) {
+		return false
+	}
+	select {
+	case <-g.m.Exited():
+		return true
+	case <-time.After(2 * time.Second):
+		return false
+	}
 }
 
 // degrade ends a protection that failed: output flows again, the disk's
@@ -268,6 +473,7 @@ func (g *guest) degrade(p *protection, err error) {
 	g.dev.stream(nil)
 	drain(p.events)
 	p.cancel()
+	ended := time.Now()
 	p.conn.Close()
 	p.tracker.Close()
 	p.region.Close()
@@ -286,6 +492,27 @@ func (g *guest) degrade(p *protection, err error) {
 		reason = "secondary lost: " + p.conn.cause(err)
 	}
 	g.setState(StateDegraded, reason)
+	if !p.health.hasMgmt() {
+		p.health.close()
+		return
+	}
+	// Degrading cannot wait (output is held until it does); what the
+	// management path says about the secondary is added when known.
+	go func() {
+		defer p.health.close()
+		alive, why := p.health.aliveAfter(context.Background(), ended)
+		if alive {
+			why = "the secondary's agent still runs (" + why + "): only the replication link failed"
+		} else {
+			why = "the secondary's agent is silent too (" + why + ")"
+		}
+		g.mu.Lock()
+		same := g.state == StateDegraded && g.reason == reason
+		g.mu.Unlock()
+		if same {
+			g.setState(StateDegraded, reason+"; "+why)
+		}
+	}()
 }
 
 // stopProtection ends the current pairing, if any, and waits for it.
@@ -359,6 +586,7 @@ func (g *guest) failover(ctx context.Context) (uint64, error) {
 	}
 	g.setState(StateHandedOver, fmt.Sprintf("running on %s since epoch %d", p.peer, n))
 	p.conn.Close()
+	p.health.close()
 	p.tracker.Close()
 	p.region.Close()
 	g.dev.stream(nil)
@@ -376,6 +604,7 @@ func (g *guest) failover(ctx context.Context) (uint64, error) {
 // the peer cannot have taken over, so the guest resumes here, degraded.
 func (g *guest) resumeAlone(p *protection, err error) {
 	p.conn.Close()
+	p.health.close()
 	p.tracker.Close()
 	p.region.Close()
 	g.dev.passthrough(true)
@@ -430,7 +659,7 @@ func (g *guest) stop(ctx context.Context) error {
 func (g *guest) status() VMStatus {
 	g.mu.Lock()
 	s := VMStatus{Name: g.name, Role: RolePrimary, State: g.state, Peer: g.peer, Reason: g.reason, Since: g.since,
-		Accel: g.m.Accel()}
+		Accel: g.m.Accel(), QEMUHealth: g.health}
 	select {
 	case <-g.m.Exited():
 	default:
@@ -445,6 +674,7 @@ func (g *guest) status() VMStatus {
 	s.Epoch, s.Sent, s.Checkpoints = st.Acked, st.Sent, st.Checkpoints
 	s.LastPause, s.PauseP50, s.PauseP99, s.Lag = st.LastPause, st.PauseP50, st.PauseP99, st.LastAckLatency
 	s.WireBytes = st.WireBytes
+	s.PeerHealth = p.health.state()
 	s.EpochRate, s.BytesPerSecond = g.rate.update(st.Acked, st.WireBytes)
 	if st.Err != nil {
 		s.Error = st.Err.Error()

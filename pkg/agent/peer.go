@@ -24,6 +24,10 @@ type Arbiter interface {
 type ArbiterQuery struct {
 	VM    string
 	Probe ProbeSpec
+	// PrimaryVMDead, if set, is the primary agent's own report that the
+	// VM died there (its QEMU exited, or hung and was killed): probing the
+	// LAN can add nothing, only a lease holder still has a say.
+	PrimaryVMDead string
 }
 
 // ProbeSpec says how a client reaches the VM on its LAN, for the
@@ -40,6 +44,11 @@ const (
 	opRefused  = "refused"  // secondary → primary: cannot protect (Error says why)
 	opHandover = "handover" // primary → secondary: take over at Epoch (planned)
 	opPromoted = "promoted" // secondary → primary: the VM runs here now
+	// opVMLost: primary → secondary: the VM's QEMU died (or hung and was
+	// killed) here; take over from the last committed checkpoint. Sent on
+	// the replication link, or as the first message of a new one when the
+	// link is gone already.
+	opVMLost = "vm-lost"
 )
 
 type message struct {
@@ -55,6 +64,8 @@ type message struct {
 	Epoch    uint64 `json:"epoch,omitempty"`
 	Error    string `json:"error,omitempty"`
 	From     string `json:"from,omitempty"`
+	// Mgmt is the sender's management heartbeat address (protect, ready).
+	Mgmt string `json:"mgmt,omitempty"`
 }
 
 func sendMsg(ctx context.Context, c wire.Conn, m message) error {
@@ -106,6 +117,9 @@ type watchedConn struct {
 	// silent is how long the link had been silent when watch closed it
 	// (ns); 0 if watch did not close it.
 	silent atomic.Int64
+	// health, once set, hears of every frame (the replication path of the
+	// peer's detector).
+	health atomic.Pointer[peerHealth]
 }
 
 // cause says why the link ended: the watchdog's verdict when it closed the
@@ -130,6 +144,7 @@ func (w *watchedConn) Recv(ctx context.Context) (wire.Frame, error) {
 	w.waiting.Store(0)
 	if err == nil {
 		w.last.Store(time.Now().UnixNano())
+		w.health.Load().heardRepl()
 	}
 	return f, err
 }

@@ -19,6 +19,10 @@ import (
 // errHandover ends a secondary's receive loop when its primary hands over.
 var errHandover = errors.New("primary handed over")
 
+// errVMLost ends a secondary's receive loop when its primary reports the
+// VM dead.
+var errVMLost = errors.New("primary reports its VM dead")
+
 // replicaVM is a VM this host protects for a peer: replica RAM and disk,
 // and a standby QEMU over them, waiting to take over.
 type replicaVM struct {
@@ -38,12 +42,14 @@ type replicaVM struct {
 	standby  *vm.Machine
 	sec      *lockstep.Secondary
 	conn     *watchedConn
+	health   *peerHealth
 
 	mu      sync.Mutex
 	state   State
 	reason  string
 	since   time.Time
 	handEp  uint64
+	vmLost  string // the primary's report that the VM died there
 	done    chan struct{}
 	promote time.Duration // decision → guest running, last promotion
 }
@@ -144,6 +150,10 @@ func (r *replicaVM) onControl(ctx context.Context, payload []byte) error {
 	if err != nil {
 		return err
 	}
+	if m.Op == opVMLost {
+		r.noteVMLost(m.Error)
+		return errVMLost
+	}
 	if m.Op != opHandover {
 		return fmt.Errorf("%w: unexpected %q during replication", ErrPeer, m.Op)
 	}
@@ -156,9 +166,23 @@ func (r *replicaVM) onControl(ctx context.Context, payload []byte) error {
 	return errHandover
 }
 
+// noteVMLost records the primary's report that the VM died there.
+func (r *replicaVM) noteVMLost(why string) {
+	if why == "" {
+		why = "no reason given"
+	}
+	r.mu.Lock()
+	if r.vmLost == "" {
+		r.vmLost = why
+	}
+	r.mu.Unlock()
+}
+
 // run receives epochs until the link ends, then decides what the end means.
 func (r *replicaVM) run(ctx context.Context) {
 	defer close(r.done)
+	// The pairing ends with the link: nothing to watch afterwards.
+	defer r.health.close()
 	wctx, cancel := context.WithCancel(ctx)
 	go r.conn.watch(wctx, r.a.cfg.PeerTimeout, func(s time.Duration) {
 		r.a.log.Warn("replication link silent", "vm", r.name, "peer", r.peer, "silence", s)
@@ -181,18 +205,46 @@ func (r *replicaVM) run(ctx context.Context) {
 		r.conn.Close()
 		return
 	}
+	ended := time.Now()
 	r.conn.Close()
 	lost := r.conn.cause(err)
 	c := r.sec.Committed()
+	r.mu.Lock()
+	vmLost := r.vmLost
+	r.mu.Unlock()
+	if vmLost != "" {
+		lost = "the primary's agent reports: " + vmLost
+	}
 	if !c.Resumable {
 		r.setState(StateStandby, fmt.Sprintf("primary lost during the initial sync (%s); nothing to resume", lost))
 		return
 	}
+	if vmLost != "" {
+		r.arbitrate(ctx, lost, vmLost)
+		return
+	}
+	if r.health.hasMgmt() {
+		// The second path tells a dead primary from a broken link without
+		// asking the LAN: an agent that answers after the link ended runs,
+		// and so (its QEMU exiting would have been reported) does the VM.
+		alive, why := r.health.aliveAfter(ctx, ended)
+		if alive {
+			r.setState(StateStandby, fmt.Sprintf("primary link lost (%s); not promoting: %s, so only the replication link failed", lost, why))
+			return
+		}
+		lost += "; " + why
+	}
+	r.arbitrate(ctx, lost, "")
+}
+
+// arbitrate asks the arbiter whether to promote after the primary was lost
+// (lost says how), and promotes if it agrees.
+func (r *replicaVM) arbitrate(ctx context.Context, lost, vmDead string) {
 	if r.a.cfg.Arbiter == nil {
 		r.setState(StateStandby, fmt.Sprintf("primary lost (%s); not promoting: no arbiter configured", lost))
 		return
 	}
-	ok, why, aerr := r.a.cfg.Arbiter.MayPromote(ctx, ArbiterQuery{VM: r.name, Probe: r.probe})
+	ok, why, aerr := r.a.cfg.Arbiter.MayPromote(ctx, ArbiterQuery{VM: r.name, Probe: r.probe, PrimaryVMDead: vmDead})
 	if aerr != nil || !ok {
 		if aerr != nil {
 			why = fmt.Sprintf("%s (arbiter failed: %v)", why, aerr)
@@ -230,6 +282,7 @@ func (r *replicaVM) close() {
 	if r.sec != nil && r.conn != nil {
 		r.conn.Close()
 	}
+	r.health.close()
 	if r.standby != nil {
 		r.standby.Close()
 	}
@@ -270,5 +323,6 @@ func (r *replicaVM) status() VMStatus {
 	if r.sec != nil {
 		s.Epoch = r.sec.Committed().Epoch
 	}
+	s.PeerHealth = r.health.state()
 	return s
 }

@@ -60,6 +60,13 @@ type VMStatus struct {
 	// "paused", "inmigrate" for a standby waiting to take over, ...), so a
 	// user can see that exactly one copy of the VM runs.
 	RunState string `json:"run_state,omitempty"`
+	// QEMUHealth is set while the VM's QEMU is slow to answer QMP or hung
+	// (primary side), with how long it has been silent.
+	QEMUHealth string `json:"qemu_health,omitempty"`
+	// PeerHealth is the failure detector's judgement of the peer agent
+	// over the replication link and the management path ("alive", or
+	// "suspect: ..." / "lost: ..." with the silent paths), while paired.
+	PeerHealth string `json:"peer_health,omitempty"`
 
 	// Replication figures (primary side).
 	Epoch          uint64        `json:"epoch,omitempty"` // last acknowledged (primary) / committed (secondary)

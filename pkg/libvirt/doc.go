@@ -14,4 +14,10 @@
 // "custom-argv"). Either way libvirt sees QEMU's STOP and RESUME events on
 // its own monitor, so `virsh domstate` follows the checkpoints' stop and
 // cont ("paused (unknown)", then "running (unpaused)").
+//
+// Measured (BenchmarkQMPPath, libvirt 9.0 + QEMU 7.2 under TCG, same
+// domain, same run, a loaded 2-core machine): query-status 5.0 ms through
+// the pass-through vs 0.84 ms on the dedicated socket (6.0x); stop+cont
+// 18.5 ms vs 3.6 ms (5.2x). A checkpoint issues at least stop, migrate and
+// cont, so Prepare adds the dedicated socket by default.
 package libvirt

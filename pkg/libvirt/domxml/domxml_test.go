@@ -48,12 +48,13 @@ func TestRoundTripIsByteExact(t *testing.T) {
 
 func TestParseRejectsBadInput(t *testing.T) {
 	cases := map[string]string{
-		"empty":        "",
-		"not xml":      "hello",
-		"unclosed":     "<domain><name>x</name>",
-		"mismatched":   "<domain><name>x</nam></domain>",
-		"two roots":    "<domain><name>x</name></domain><domain/>",
-		"text outside": "<domain><name>x</name></domain>junk",
+		"empty":         "",
+		"not xml":       "hello",
+		"unclosed":      "<domain><name>x</name>",
+		"mismatched":    "<domain><name>x</nam></domain>",
+		"two roots":     "<domain><name>x</name></domain><domain/>",
+		"text outside":  "<domain><name>x</name></domain>junk",
+		"repeated attr": "<domain type='kvm' type='qemu'><name>x</name></domain>",
 	}
 	for name, in := range cases {
 		if _, err := Parse([]byte(in)); !errors.Is(err, ErrBadXML) {

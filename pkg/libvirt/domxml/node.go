@@ -77,6 +77,17 @@ func Parse(data []byte) (*Document, error) {
 		switch t := tok.(type) {
 		case xml.StartElement:
 			n := &Node{Kind: Element, Name: qname(t.Name), Attrs: append([]xml.Attr(nil), t.Attr...), raw: raw}
+			// encoding/xml accepts a repeated attribute and its readers
+			// take the last one; refuse it, or a rewrite could change one
+			// copy while the typed view reads the other.
+			seen := map[string]bool{}
+			for _, a := range t.Attr {
+				q := qname(a.Name)
+				if seen[q] {
+					return nil, fmt.Errorf("%w: attribute %s repeated on <%s> at offset %d", ErrBadXML, q, n.Name, start)
+				}
+				seen[q] = true
+			}
 			n.selfClose = strings.HasSuffix(raw, "/>")
 			if len(stack) == 0 {
 				roots++

@@ -7,7 +7,7 @@ BIN     := $(OUT)/bin/ftctl
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 FUZZTIME ?= 10s
 
-.PHONY: all deps build guest demo test unit vet fmt-check fuzz guest-test bench clean
+.PHONY: all deps build guest demo soak test unit vet fmt-check fuzz guest-test bench clean
 
 all: build
 
@@ -24,6 +24,12 @@ guest: deps
 # the primary host, verify that nothing the client saw acknowledged is lost.
 demo: deps build guest
 	$(BIN) demo
+
+# The randomized kill test at length: SOAK_KILLS failovers (make test runs 20).
+# FTCTL_KILL_SEED=N replays a run's random choices.
+SOAK_KILLS ?= 200
+soak: deps guest
+	FTCTL_KILLS=$(SOAK_KILLS) $(GO) test -count=1 -timeout 4h -run '^TestRandomizedKills$$' -v ./e2e/
 
 # Everything CI runs: static checks, all tests under the race detector
 # (real QEMU under TCG included), short fuzz runs, and the tests that need

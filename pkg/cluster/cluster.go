@@ -164,15 +164,14 @@ func (c *Cluster) Peer(p *Agent) *Agent {
 // Agents returns A and B.
 func (c *Cluster) Agents() []*Agent { return []*Agent{c.A, c.B} }
 
-// Restart replaces host p's agent, which must have ended (Kill), by a
-// fresh one: new state, run and RAM directories, as a replacement host
-// would come up; the host rejoins every network first. The old agent's
-// files stay readable (serial logs) until Close, except its RAM files,
-// which are removed at once since they are large.
+// Restart replaces host p's agent by a fresh one, as a replacement host
+// would come up: the old agent and any QEMU it left are SIGKILLed, the
+// host rejoins every network, and the new agent gets new state, run and
+// RAM directories. The old agent's files stay readable (serial logs) until
+// Close, except its RAM files, which are removed at once since they are
+// large.
 func (c *Cluster) Restart(ctx context.Context, p *Agent) (*Agent, error) {
-	if p.Running() {
-		return nil, fmt.Errorf("%w: restart %s: it still runs (kill it first)", ErrAgent, p.Name)
-	}
+	p.Kill()
 	if err := c.Bed.Rejoin(p.Host); err != nil {
 		return nil, err
 	}

@@ -49,6 +49,7 @@ Run 'ftctl agent' on every KVM host; then 'ftctl start' a VM under it,
 			vmCommand(),
 			demoCommand(),
 			benchCommand(),
+			libvirtCommand(), hookCommand(),
 		}, vmOpsCommands()...),
 	}
 }

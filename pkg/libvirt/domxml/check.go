@@ -3,6 +3,7 @@ package domxml
 import (
 	"errors"
 	"fmt"
+	"net"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -125,7 +126,26 @@ type Options struct {
 	QMP     QMPMode // default QMPSocket
 	// Export is the NBD export name. Default "disk", as the agent serves.
 	Export string
+	// Peer, when set, is recorded as the peer agent (HOST:PORT) the hook
+	// pairs the domain with on start; "" keeps what the domain has.
+	Peer string
+	// Policy, when set, is recorded as the hook's policy; "" keeps what
+	// the domain has.
+	Policy Policy
 }
+
+// Policy says what `ftctl hook` does for a domain when libvirt starts or
+// stops it.
+type Policy string
+
+// Policies.
+const (
+	// PolicyAuto pairs the domain with its peer when it starts and unpairs
+	// it when it stops. It is the default for a domain with a peer.
+	PolicyAuto Policy = "auto"
+	// PolicyManual leaves pairing to the user (ftctl pair / unpair).
+	PolicyManual Policy = "manual"
+)
 
 func (o Options) withDefaults(name string) (Options, error) {
 	if o.SocketDir == "" {
@@ -157,6 +177,16 @@ func (o Options) withDefaults(name string) (Options, error) {
 	}
 	if o.Export == "" {
 		o.Export = "disk"
+	}
+	if o.Peer != "" {
+		if err := ValidPeer(o.Peer); err != nil {
+			return o, fmt.Errorf("%w: %w", ErrBadOptions, err)
+		}
+	}
+	switch o.Policy {
+	case "", PolicyAuto, PolicyManual:
+	default:
+		return o, fmt.Errorf("%w: unknown policy %q (want %q or %q)", ErrBadOptions, o.Policy, PolicyAuto, PolicyManual)
 	}
 	return o, nil
 }
@@ -218,6 +248,8 @@ type preparePlan struct {
 	disks    []diskPlan
 	nics     []nicPlan
 	addQMP   bool
+	// setPeer, setPolicy: the metadata's peer / policy attribute changes.
+	setPeer, setPolicy bool
 }
 
 func (p *preparePlan) add(sev Severity, area, problem, why, fix string) {
@@ -268,7 +300,71 @@ func plan(domainXML string, opts Options) (*preparePlan, error) {
 	p.checkNICs(prot)
 	p.checkQMP(prot)
 	p.checkOtherDevices()
+	p.checkPairing(prot)
 	return p, nil
+}
+
+// ValidPeer checks a peer agent address: HOST:PORT with a numeric port,
+// and nothing that could break out of an XML attribute or a shell word.
+func ValidPeer(peer string) error {
+	host, port, err := net.SplitHostPort(peer)
+	if err != nil {
+		return fmt.Errorf("peer %q is not HOST:PORT: %v", peer, err)
+	}
+	if host == "" {
+		return fmt.Errorf("peer %q has no host", peer)
+	}
+	if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 {
+		return fmt.Errorf("peer %q: port %q is not a number in 1..65535", peer, port)
+	}
+	for _, r := range host {
+		if !(r == '.' || r == '-' || r == ':' || r == '_' || r >= '0' && r <= '9' || r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z') {
+			return fmt.Errorf("peer %q: host contains %q", peer, r)
+		}
+	}
+	return nil
+}
+
+// EffectivePolicy is the hook's policy for a domain's protection record:
+// its own policy, else PolicyAuto when it names a peer, else PolicyManual.
+func EffectivePolicy(p *Protection) Policy {
+	switch {
+	case p == nil:
+		return PolicyManual
+	case p.Policy != "":
+		return Policy(p.Policy)
+	case p.Peer != "":
+		return PolicyAuto
+	}
+	return PolicyManual
+}
+
+func (p *preparePlan) checkPairing(prot Protection) {
+	peer, policy := prot.Peer, Policy(prot.Policy)
+	if p.opts.Peer != "" && p.opts.Peer != peer {
+		p.setPeer = true
+		p.add(Change, "pairing", fmt.Sprintf("peer %q", peer), "the hook pairs the domain with the peer recorded in ftctl's metadata",
+			"record peer "+p.opts.Peer)
+		peer = p.opts.Peer
+	}
+	if p.opts.Policy != "" && p.opts.Policy != policy {
+		p.setPolicy = true
+		p.add(Change, "pairing", fmt.Sprintf("policy %q", policy), "the hook follows the policy recorded in ftctl's metadata",
+			"record policy "+string(p.opts.Policy))
+		policy = p.opts.Policy
+	}
+	eff := EffectivePolicy(&Protection{Peer: peer, Policy: string(policy)})
+	switch {
+	case peer == "" && eff == PolicyAuto:
+		p.add(Warning, "pairing", "policy auto without a peer", "the hook has no peer to pair with", "prepare --peer HOST:PORT")
+	case peer == "":
+		p.add(Info, "pairing", "no peer recorded", "`ftctl hook` pairs only domains whose metadata names a peer",
+			"prepare --peer HOST:PORT to pair it automatically when it starts, or run ftctl pair by hand")
+	case eff == PolicyManual:
+		p.add(Info, "pairing", "peer "+peer+", policy manual", "the hook leaves pairing to the user", "")
+	default:
+		p.add(Info, "pairing", "peer "+peer+", policy auto", "the hook pairs the domain when it starts and unpairs it when it stops", "")
+	}
 }
 
 func (p *preparePlan) checkMemory() {

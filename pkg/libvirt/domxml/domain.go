@@ -172,9 +172,15 @@ type Metadata struct {
 // guest's traffic where the original NIC was, and so the change can be
 // undone.
 type Protection struct {
-	QMP   *ProtectedQMP   `xml:"https://github.com/ftctl/ftctl/xmlns/libvirt/1 qmp"`
-	Disks []ProtectedDisk `xml:"https://github.com/ftctl/ftctl/xmlns/libvirt/1 disk"`
-	NICs  []ProtectedNIC  `xml:"https://github.com/ftctl/ftctl/xmlns/libvirt/1 nic"`
+	// Peer is the peer agent (HOST:PORT) the hook pairs the domain with
+	// when it starts; "" leaves pairing to the user.
+	Peer string `xml:"peer,attr,omitempty"`
+	// Policy says what the hook does: PolicyAuto (pair on start, unpair
+	// on stop; the default when Peer is set) or PolicyManual (nothing).
+	Policy string          `xml:"policy,attr,omitempty"`
+	QMP    *ProtectedQMP   `xml:"https://github.com/ftctl/ftctl/xmlns/libvirt/1 qmp"`
+	Disks  []ProtectedDisk `xml:"https://github.com/ftctl/ftctl/xmlns/libvirt/1 disk"`
+	NICs   []ProtectedNIC  `xml:"https://github.com/ftctl/ftctl/xmlns/libvirt/1 nic"`
 }
 
 // ProtectedQMP records the dedicated QMP socket.

@@ -69,8 +69,14 @@ func Prepare(domainXML string, opts Options) (newXML, diff string, err error) {
 			"-mon", "chardev="+qmpChardev+",mode=control")
 		recs = append(recs, NewElement(Prefix+":qmp", "socket", sock))
 	}
-	if len(recs) > 0 {
-		p.addMetadata(root, recs)
+	if len(recs) > 0 || p.setPeer || p.setPolicy {
+		prot := p.addMetadata(root, recs)
+		if p.setPeer {
+			prot.SetAttr("peer", p.opts.Peer)
+		}
+		if p.setPolicy {
+			prot.SetAttr("policy", string(p.opts.Policy))
+		}
 	}
 	if len(args) > 0 {
 		addCommandline(root, args)
@@ -254,9 +260,9 @@ func nicRecord(r ProtectedNIC, orig *Node) *Node {
 }
 
 // addMetadata appends records to ftctl's element in <metadata>, creating
-// both as needed; other applications' metadata and unknown ftctl children
-// (peer, policy) stay.
-func (p *preparePlan) addMetadata(root *Node, recs []*Node) {
+// both as needed, and returns ftctl's element; other applications'
+// metadata and unknown ftctl children stay.
+func (p *preparePlan) addMetadata(root *Node, recs []*Node) *Node {
 	const rootInd = "\n"
 	md := root.First("metadata")
 	if md == nil {
@@ -284,6 +290,7 @@ func (p *preparePlan) addMetadata(root *Node, recs []*Node) {
 		}
 		prot.Append(r, protInd)
 	}
+	return prot
 }
 
 func renamePrefix(n *Node, from, to string) {

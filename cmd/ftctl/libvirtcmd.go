@@ -1,0 +1,247 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/urfave/cli/v3"
+
+	"github.com/ftctl/ftctl/pkg/libvirt"
+	"github.com/ftctl/ftctl/pkg/libvirt/domxml"
+	"github.com/ftctl/ftctl/pkg/libvirt/hook"
+)
+
+// libvirtCommand is `ftctl libvirt`: check, prepare and hook up
+// libvirt-managed domains.
+func libvirtCommand() *cli.Command {
+	connect := &cli.StringFlag{Name: "connect", Aliases: []string{"c"}, Sources: cli.EnvVars("LIBVIRT_DEFAULT_URI"),
+		Usage: "libvirt URI (qemu:///system, qemu+ssh://HOST/system, ...) or a libvirtd socket path; default the local system daemon"}
+	prepFlags := []cli.Flag{
+		&cli.StringFlag{Name: "nic", Value: string(domxml.NICStream), Usage: "how NIC traffic reaches the agent: stream (a unix socket, via qemu:commandline) or client (libvirt's own type='client', a loopback TCP port)"},
+		&cli.IntFlag{Name: "nic-port", Usage: "first loopback TCP port for --nic client"},
+		&cli.StringFlag{Name: "qmp", Value: string(domxml.QMPSocket), Usage: "how the agent drives QEMU: socket (a dedicated QMP socket, about 5x faster per command) or passthrough (libvirt's monitor pass-through)"},
+		&cli.StringFlag{Name: "socket-dir", Usage: "directory of the agent's sockets for this domain (default /run/ftctl/vms/DOMAIN)"},
+		&cli.StringFlag{Name: "peer", Usage: "peer agent HOST:PORT to record in the domain's ftctl metadata; the hook pairs the domain with it when it starts"},
+		&cli.StringFlag{Name: "policy", Usage: "hook policy to record: auto (pair on start, unpair on stop; the default with a peer) or manual"},
+	}
+	return &cli.Command{
+		Name:  "libvirt",
+		Usage: "protect libvirt-managed domains: check, prepare, install the hook",
+		Commands: []*cli.Command{
+			{
+				Name:      "check",
+				Usage:     "list what a domain needs before ftctl can protect it, and why",
+				ArgsUsage: "DOMAIN",
+				Flags:     append([]cli.Flag{connect}, prepFlags...),
+				Action: func(ctx context.Context, cmd *cli.Command) error {
+					name, err := oneDomain(cmd)
+					if err != nil {
+						return err
+					}
+					opts, err := prepareOptions(cmd)
+					if err != nil {
+						return err
+					}
+					c, err := dialLibvirt(ctx, cmd)
+					if err != nil {
+						return err
+					}
+					defer c.Close()
+					x, err := c.XML(ctx, name, true)
+					if err != nil {
+						return err
+					}
+					fs, err := domxml.CheckWith(x, opts)
+					if err != nil {
+						return cli.Exit(err.Error(), 1)
+					}
+					w := cmd.Root().Writer
+					if st, err := c.State(ctx, name); err == nil {
+						fmt.Fprintf(w, "domain %s: %s (checked: its persistent definition, which its next start uses)\n", name, st)
+					}
+					var changes int
+					for _, f := range fs {
+						fmt.Fprintln(w, f)
+						if f.Severity == domxml.Change {
+							changes++
+						}
+					}
+					if b := domxml.Blockers(fs); len(b) > 0 {
+						return cli.Exit(fmt.Sprintf("domain %s cannot be protected: %d blocker(s)", name, len(b)), 3)
+					}
+					if changes > 0 {
+						fmt.Fprintf(w, "%d change(s) needed: run `ftctl libvirt prepare %s --dry-run` to see them\n", changes, name)
+					} else {
+						fmt.Fprintf(w, "domain %s is ready for protection\n", name)
+					}
+					return nil
+				},
+			},
+			{
+				Name:      "prepare",
+				Usage:     "rewrite a domain's definition for protection (backs up the old one)",
+				ArgsUsage: "DOMAIN",
+				Description: `prepare shows the change as a diff and, without --dry-run, writes the old
+definition to a backup file it names and redefines the domain. A running
+domain keeps running as it is: libvirt applies a new definition only when
+the domain next starts (shut down and start; a guest reboot is not enough),
+so prepare refuses a running domain unless --next-start says that is fine.`,
+				Flags: append([]cli.Flag{connect,
+					&cli.BoolFlag{Name: "dry-run", Usage: "show the diff only"},
+					&cli.BoolFlag{Name: "next-start", Usage: "redefine a running domain; the change takes effect at its next start"},
+					&cli.StringFlag{Name: "backup-dir", Value: libvirt.DefaultBackupDir, Usage: "where the old definition is saved"},
+				}, prepFlags...),
+				Action: func(ctx context.Context, cmd *cli.Command) error {
+					name, err := oneDomain(cmd)
+					if err != nil {
+						return err
+					}
+					opts, err := prepareOptions(cmd)
+					if err != nil {
+						return err
+					}
+					c, err := dialLibvirt(ctx, cmd)
+					if err != nil {
+						return err
+					}
+					defer c.Close()
+					res, err := libvirt.PrepareDomain(ctx, c, libvirt.PrepareRequest{
+						Domain: name, Options: opts, DryRun: cmd.Bool("dry-run"),
+						BackupDir: cmd.String("backup-dir"), NextStart: cmd.Bool("next-start"),
+					})
+					w := cmd.Root().Writer
+					if res.Diff != "" {
+						fmt.Fprint(w, res.Diff)
+					}
+					switch {
+					case errors.Is(err, libvirt.ErrRunning):
+						return cli.Exit(err.Error()+": pass --next-start, or shut the domain down and run prepare again", 4)
+					case errors.Is(err, domxml.ErrUnsupported):
+						return cli.Exit(fmt.Sprintf("%v (see ftctl libvirt check %s)", err, name), 3)
+					case err != nil:
+						return err
+					case res.Diff == "":
+						fmt.Fprintf(w, "domain %s is already prepared; nothing to do\n", name)
+					case cmd.Bool("dry-run"):
+						fmt.Fprintf(w, "dry run: domain %s not changed\n", name)
+					default:
+						fmt.Fprintf(w, "domain %s redefined; old definition saved in %s\n", name, res.Backup)
+						if res.State.Active() {
+							fmt.Fprintf(w, "domain %s is %s: the new definition takes effect when it next starts (shut it down, then start it)\n", name, res.State)
+						}
+					}
+					return nil
+				},
+			},
+			{
+				Name:  "install-hook",
+				Usage: "install `ftctl hook` as libvirt's qemu hook (DIR/qemu)",
+				Description: `The hook pairs domains whose ftctl metadata names a peer when libvirt
+starts them, and unpairs them when they stop. An existing hook that ftctl
+did not install is never replaced. libvirtd finds hook scripts when it
+starts: restart it after the first install.`,
+				Flags: []cli.Flag{
+					&cli.StringFlag{Name: "dir", Value: hook.DefaultDir, Usage: "libvirt's hooks directory"},
+					socketFlag(),
+					&cli.StringFlag{Name: "log", Value: hook.DefaultLog, Usage: "the hook's log file"},
+					&cli.DurationFlag{Name: "timeout", Value: hook.DefaultTimeout, Usage: "bound on each agent call the hook makes"},
+				},
+				Action: func(ctx context.Context, cmd *cli.Command) error {
+					exe, err := os.Executable()
+					if err != nil {
+						return err
+					}
+					h := hook.Hook{Exe: exe, AgentSocket: cmd.String("socket"), Log: cmd.String("log"), Timeout: cmd.Duration("timeout")}
+					script, err := h.Script()
+					if err != nil {
+						return err
+					}
+					path, changed, err := hook.Install(cmd.String("dir"), script)
+					if errors.Is(err, hook.ErrForeignHook) {
+						return cli.Exit(err.Error(), 5)
+					}
+					if err != nil {
+						return err
+					}
+					w := cmd.Root().Writer
+					if !changed {
+						fmt.Fprintf(w, "%s is already ftctl's hook; unchanged\n", path)
+						return nil
+					}
+					fmt.Fprintf(w, "installed %s (runs %s hook; log %s)\nrestart libvirtd if this is the first hook it will see\n", path, exe, h.Log)
+					return nil
+				},
+			},
+		},
+	}
+}
+
+// hookCommand is `ftctl hook`, run by libvirt as /etc/libvirt/hooks/qemu.
+// It always exits 0: a failing qemu hook makes libvirt abort the domain's
+// start, and protection must never cost the VM its start.
+func hookCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "hook",
+		Usage:     "libvirt's qemu hook (installed by ftctl libvirt install-hook); not for interactive use",
+		ArgsUsage: "-- DOMAIN OPERATION SUB-OPERATION EXTRA   (domain XML on stdin)",
+		Hidden:    true,
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "agent", Value: defaultSocket, Usage: "control socket of the local agent"},
+			&cli.StringFlag{Name: "log", Value: hook.DefaultLog, Usage: "log file"},
+			&cli.DurationFlag{Name: "timeout", Value: hook.DefaultTimeout, Usage: "bound on the agent call"},
+			&cli.StringFlag{Name: "worker", Usage: "internal: run the detached agent call"},
+		},
+		Action: func(ctx context.Context, cmd *cli.Command) error {
+			h := hook.Hook{AgentSocket: cmd.String("agent"), Log: cmd.String("log"), Timeout: cmd.Duration("timeout")}
+			if w := cmd.String("worker"); w != "" {
+				if err := h.Work(ctx, w, hook.AgentClient(h.AgentSocket)); err != nil {
+					return cli.Exit(err.Error(), 1)
+				}
+				return nil
+			}
+			// Errors are in the log; see the command's doc for exit 0.
+			_, _ = h.Handle(cmd.Args().Slice(), os.Stdin)
+			return nil
+		},
+	}
+}
+
+func oneDomain(cmd *cli.Command) (string, error) {
+	if cmd.Args().Len() != 1 {
+		return "", cli.Exit(fmt.Sprintf("usage: ftctl libvirt %s DOMAIN", cmd.Name), 2)
+	}
+	return cmd.Args().First(), nil
+}
+
+func prepareOptions(cmd *cli.Command) (domxml.Options, error) {
+	opts := domxml.Options{
+		SocketDir: cmd.String("socket-dir"),
+		NIC:       domxml.NICMode(cmd.String("nic")),
+		NICPort:   int(cmd.Int("nic-port")),
+		QMP:       domxml.QMPMode(cmd.String("qmp")),
+		Peer:      cmd.String("peer"),
+		Policy:    domxml.Policy(cmd.String("policy")),
+	}
+	if opts.Policy != "" && opts.Policy != domxml.PolicyAuto && opts.Policy != domxml.PolicyManual {
+		return opts, cli.Exit(fmt.Sprintf("--policy %q: want auto or manual", opts.Policy), 2)
+	}
+	if opts.Peer != "" {
+		if err := domxml.ValidPeer(opts.Peer); err != nil {
+			return opts, cli.Exit("--peer: "+err.Error(), 2)
+		}
+	}
+	return opts, nil
+}
+
+func dialLibvirt(ctx context.Context, cmd *cli.Command) (*libvirt.Conn, error) {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	c, err := libvirt.Dial(ctx, cmd.String("connect"))
+	if err != nil {
+		return nil, cli.Exit(err.Error(), 1)
+	}
+	return c, nil
+}

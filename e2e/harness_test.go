@@ -131,6 +131,13 @@ func newCluster(t *testing.T, timeout time.Duration) *cluster {
 // before they start: flags, a third host.
 func newClusterWith(t *testing.T, timeout time.Duration, setup func(c *cluster)) *cluster {
 	t.Helper()
+	return newClusterHosts(t, timeout, 2, setup)
+}
+
+// newClusterHosts is newClusterWith on a bed of hosts KVM hosts (the
+// agents run on the first two; a third can run a witness).
+func newClusterHosts(t *testing.T, timeout time.Duration, hosts int, setup func(c *cluster)) *cluster {
+	t.Helper()
 	requireEnv(t)
 	ctx := testenv.Deadline(t, timeout)
 	c := &cluster{t: t, ctx: ctx, bin: ftctlBinary(t)}
@@ -140,7 +147,7 @@ func newClusterWith(t *testing.T, timeout time.Duration, setup func(c *cluster))
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(c.root) })
-	c.bed, err = testbed.New(ctx, testbed.Options{Prefix: "fte", Logger: quiet})
+	c.bed, err = testbed.New(ctx, testbed.Options{Prefix: "fte", Hosts: hosts, Logger: quiet})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -523,6 +530,19 @@ func (c *cluster) pair(from, to *agentProc, fromReplica bool) {
 		c.t.Fatalf("pair printed %q", r.stdout)
 	}
 	from.waitState(vmName, agent.StateProtected, 2*time.Minute, agent.StateDegraded, agent.StateStopped)
+	to.waitState(vmName, agent.StateStandby, 30*time.Second)
+}
+
+// repair brings a degraded VM on from back to protected on to: the agent's
+// automatic re-pairing may be at it already; if not, `ftctl pair` does it.
+func (c *cluster) repair(from, to *agentProc) {
+	c.t.Helper()
+	if s, err := from.status(vmName); err == nil && s.State == agent.StateDegraded {
+		if r := from.cli("pair", vmName, to.listen); r.code != 0 && !strings.Contains(r.stderr, "unpair it first") {
+			c.t.Fatalf("%v", r)
+		}
+	}
+	from.waitState(vmName, agent.StateProtected, 2*time.Minute, agent.StateStopped)
 	to.waitState(vmName, agent.StateStandby, 30*time.Second)
 }
 

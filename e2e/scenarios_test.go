@@ -23,7 +23,13 @@ func protectedVM(t *testing.T) (*cluster, *vmClient) {
 // protectedVMWith is protectedVM on a cluster prepared by setup.
 func protectedVMWith(t *testing.T, setup func(*cluster)) (*cluster, *vmClient) {
 	t.Helper()
-	c := newClusterWith(t, 4*time.Minute, setup)
+	return protectedVMHosts(t, 2, setup)
+}
+
+// protectedVMHosts is protectedVMWith on a bed of hosts KVM hosts.
+func protectedVMHosts(t *testing.T, hosts int, setup func(*cluster)) (*cluster, *vmClient) {
+	t.Helper()
+	c := newClusterHosts(t, 4*time.Minute, hosts, setup)
 	c.startVM(c.a)
 	vc := newVMClient(t, c)
 	if err := vc.connectLong(c.ctx); err != nil {

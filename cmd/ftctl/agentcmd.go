@@ -16,6 +16,7 @@ import (
 	"github.com/urfave/cli/v3"
 
 	"github.com/ftctl/ftctl/pkg/agent"
+	"github.com/ftctl/ftctl/pkg/failover"
 	"github.com/ftctl/ftctl/pkg/lockstep"
 	"github.com/ftctl/ftctl/pkg/lockstep/wire"
 	"github.com/ftctl/ftctl/pkg/memsync"
@@ -88,7 +89,10 @@ never promotes on its own (planned failovers still work).`,
 			&cli.StringFlag{Name: "tracker", Value: "auto", Usage: "dirty-page tracker: auto, soft-dirty or shadow"},
 			&cli.StringFlag{Name: "arbiter", Value: "probe", Usage: "who decides a failover: probe or none"},
 			&cli.StringFlag{Name: "probe-interface", Usage: "LAN interface for ARP probes (default: --bridge)"},
-			&cli.BoolFlag{Name: "promote-on-silence", Value: true, Usage: "probe arbiter: promote when the VM does not answer on the LAN"},
+			&cli.BoolFlag{Name: "promote-on-silence", Value: true, Usage: "probe arbiter: promote when the VM does not answer on the LAN (default false with --witness: the witness decides then)"},
+			&cli.StringFlag{Name: "witness", Usage: "`HOST:PORT` of an ftctl witness: primaries hold each paired VM's lease there (and fence the VM when they cannot), secondaries ask it when the LAN probe cannot decide"},
+			&cli.StringFlag{Name: "witness-key-file", Usage: "key `FILE` shared with the witness (ftctl cert psk)"},
+			&cli.DurationFlag{Name: "witness-wait", Value: agent.DefaultWitnessWait, Usage: "how long a secondary keeps asking the witness while the primary holds the lease"},
 			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error"},
 		},
 		Action: runAgent,
@@ -151,6 +155,25 @@ func agentConfig(cmd *cli.Command) (agent.Config, error) {
 			return cfg, cli.Exit("--mgmt-listen needs --mgmt-key-file (ftctl cert psk FILE, the same file on both hosts) or --psk-file", 2)
 		}
 	}
+	var witness failover.Arbiter
+	if addr := cmd.String("witness"); addr != "" {
+		if cmd.String("witness-key-file") == "" {
+			return cfg, cli.Exit("--witness needs --witness-key-file (the key file the witness was started with)", 2)
+		}
+		key, err := wire.ReadPSKFile(cmd.String("witness-key-file"))
+		if err != nil {
+			return cfg, fmt.Errorf("--witness-key-file: %w", err)
+		}
+		name := cfg.Name
+		if name == "" {
+			name, _ = os.Hostname()
+		}
+		wc, err := failover.NewWitnessClient(failover.WitnessClientConfig{Addr: addr, Key: key, Node: name})
+		if err != nil {
+			return cfg, cli.Exit(fmt.Sprintf("--witness: %v", err), 2)
+		}
+		cfg.Witness, witness = wc, failover.WitnessArbiter{Lease: wc}
+	}
 	switch cmd.String("arbiter") {
 	case "none":
 	case "probe":
@@ -158,7 +181,13 @@ func agentConfig(cmd *cli.Command) (agent.Config, error) {
 		if iface == "" {
 			iface = cfg.Bridge
 		}
-		cfg.Arbiter = agent.ProbeArbiter{Interface: iface, SilenceMeansDead: cmd.Bool("promote-on-silence")}
+		silence := cmd.Bool("promote-on-silence")
+		if witness != nil && !cmd.IsSet("promote-on-silence") {
+			// Silence may be this host's own LAN port failing: with a
+			// witness there is someone better placed to decide.
+			silence = false
+		}
+		cfg.Arbiter = agent.ProbeArbiter{Interface: iface, SilenceMeansDead: silence, Witness: witness, WitnessWait: cmd.Duration("witness-wait")}
 	default:
 		return cfg, cli.Exit(fmt.Sprintf("--arbiter %q: want probe or none", cmd.String("arbiter")), 2)
 	}
@@ -180,8 +209,41 @@ func runAgent(ctx context.Context, cmd *cli.Command) error {
 	return a.Run(ctx)
 }
 
+func witnessCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "witness",
+		Usage: "run a witness: the third party that grants each protected VM's lease to one host",
+		Description: `Run it on a third host that both agents reach over a network other than
+the replication link (the management network). The primary of each paired
+VM renews the VM's lease every 200 ms and fences the VM (kills its QEMU)
+when it cannot; a secondary that lost its primary and cannot tell from the
+LAN whether the VM runs promotes only once the witness grants it the lease.
+Agents use it with --witness HOST:PORT --witness-key-file FILE, the same
+key file (ftctl cert psk FILE) as the witness. Leases live in memory: a
+restarted witness grants only renewals for one lease TTL.`,
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "listen", Required: true, Usage: "`HOST:PORT` to serve on (TCP)"},
+			&cli.StringFlag{Name: "key-file", Required: true, Usage: "key `FILE` shared with the agents (ftctl cert psk)"},
+			&cli.DurationFlag{Name: "lease-ttl", Value: failover.DefaultLeaseTTL, Usage: "how long a lease lasts without renewal"},
+		},
+		Action: func(ctx context.Context, cmd *cli.Command) error {
+			key, err := wire.ReadPSKFile(cmd.String("key-file"))
+			if err != nil {
+				return fmt.Errorf("--key-file: %w", err)
+			}
+			w, err := failover.ListenWitness(ctx, cmd.String("listen"), failover.WitnessConfig{Key: key, LeaseTTL: cmd.Duration("lease-ttl")})
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.Root().ErrWriter, "ftctl witness serving on %s (lease TTL %v)\n", w.Addr(), cmd.Duration("lease-ttl"))
+			return w.Serve(ctx)
+		},
+	}
+}
+
 func vmOpsCommands() []*cli.Command {
 	return []*cli.Command{
+		witnessCommand(),
 		{
 			Name:      "start",
 			Usage:     "ask the local agent to run a VM from a spec file",

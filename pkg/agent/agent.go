@@ -320,6 +320,15 @@ func (a *Agent) adoptPromoted(r *replicaVM) {
 	a.mu.Unlock()
 	g.setState(StatePromoted, r.reason)
 	go g.watch()
+	// The VM runs here now: so does its lease (granted to this node by
+	// the arbitration, or released by the primary on a handover).
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := g.startGuard(ctx); err != nil {
+			a.log.Warn("promoted VM runs without its lease", "vm", g.name, "err", err)
+		}
+	}()
 }
 
 // forget drops a VM that left this host.

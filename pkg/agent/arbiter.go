@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/netip"
 	"strings"
@@ -27,6 +28,55 @@ type ProbeArbiter struct {
 	Witness failover.Arbiter
 	// Timeout of the probe (default failover.DefaultProbeTimeout).
 	Timeout time.Duration
+	// WitnessWait is how long the witness is asked again while it says
+	// the primary holds the lease (or cannot be reached): a primary that
+	// died keeps its lease for up to a lease TTL after its last renewal.
+	// Default DefaultWitnessWait.
+	WitnessWait time.Duration
+}
+
+// DefaultWitnessWait is ProbeArbiter.WitnessWait's default: three lease
+// TTLs, so a dead primary's lease has surely lapsed within it.
+const DefaultWitnessWait = 3 * failover.DefaultLeaseTTL
+
+// witnessRetryEvery is the pause between two questions to the witness.
+const witnessRetryEvery = 250 * time.Millisecond
+
+// waitingArbiter asks its arbiter again, until it says Promote or wait
+// passes: "held by the primary" is final only once the primary had time to
+// lose its lease.
+type waitingArbiter struct {
+	a    failover.Arbiter
+	wait time.Duration
+	// asked counts the questions, for the reason shown to users.
+	asked int
+}
+
+func (w *waitingArbiter) Decide(ctx context.Context, ev failover.Evidence) (failover.Decision, error) {
+	deadline := time.Now().Add(w.wait)
+	for {
+		d, err := w.a.Decide(ctx, ev)
+		w.asked++
+		if d == failover.Promote || errors.Is(err, failover.ErrUnsafe) || !time.Now().Add(witnessRetryEvery).Before(deadline) {
+			return d, err
+		}
+		select {
+		case <-ctx.Done():
+			return d, err
+		case <-time.After(witnessRetryEvery):
+		}
+	}
+}
+
+func (p ProbeArbiter) witness() *waitingArbiter {
+	if p.Witness == nil {
+		return nil
+	}
+	wait := p.WitnessWait
+	if wait <= 0 {
+		wait = DefaultWitnessWait
+	}
+	return &waitingArbiter{a: p.Witness, wait: wait}
 }
 
 // MayPromote implements Arbiter.
@@ -35,8 +85,9 @@ func (p ProbeArbiter) MayPromote(ctx context.Context, q ArbiterQuery) (bool, str
 		if p.Witness == nil {
 			return true, "the primary's agent reports its VM dead", nil
 		}
-		d, err := p.Witness.Decide(ctx, failover.Evidence{VM: q.VM})
-		note := fmt.Sprintf("the primary's agent reports its VM dead; witness: %v", d)
+		w := p.witness()
+		d, err := w.Decide(ctx, failover.Evidence{VM: q.VM})
+		note := fmt.Sprintf("the primary's agent reports its VM dead; witness: %v (asked %d times)", d, w.asked)
 		if err != nil {
 			note += fmt.Sprintf(" (%v)", err)
 		}
@@ -72,6 +123,7 @@ func (p ProbeArbiter) MayPromote(ctx context.Context, q ArbiterQuery) (bool, str
 			probes = append(probes, arp)
 		}
 	}
+	w := p.witness()
 	var chain failover.Chain
 	var seen probeRecorder
 	var notes []string
@@ -86,6 +138,13 @@ func (p ProbeArbiter) MayPromote(ctx context.Context, q ArbiterQuery) (bool, str
 				n += fmt.Sprintf(" (the VM is silent on the LAN: %s)", seen.res.Detail)
 			}
 		}
+		if w != nil && chain.Arbiters[i] == failover.Arbiter(w) {
+			n += fmt.Sprintf(" (the witness, asked %d times", w.asked)
+			if d == failover.DoNotPromote {
+				n += ": the primary holds the VM's lease"
+			}
+			n += ")"
+		}
 		if err != nil {
 			n += fmt.Sprintf(" (%v)", err)
 		}
@@ -97,8 +156,8 @@ func (p ProbeArbiter) MayPromote(ctx context.Context, q ArbiterQuery) (bool, str
 	} else {
 		notes = append(notes, "no probe address configured for the VM")
 	}
-	if p.Witness != nil {
-		chain.Arbiters = append(chain.Arbiters, p.Witness)
+	if w != nil {
+		chain.Arbiters = append(chain.Arbiters, w)
 	}
 	d, err := chain.Decide(ctx, failover.Evidence{VM: q.VM})
 	return d == failover.Promote, strings.Join(notes, "; "), err

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"context"
 	"fmt"
 	"log/slog"
 	"net"
@@ -55,6 +56,12 @@ type Config struct {
 	// this long is hung (reported in status; while protected, killed so
 	// the secondary takes over). Default DefaultQMPTimeout.
 	QMPTimeout time.Duration
+	// Witness, if set, holds each VM's lease (failover.WitnessClient): a
+	// primary keeps it while it runs a paired VM (failover.PrimaryGuard)
+	// and fences the VM — kills its QEMU — when it cannot renew it; a
+	// promoted secondary takes it over. The arbiter should ask the same
+	// witness (ProbeArbiter.Witness).
+	Witness Witness
 	// Arbiter decides, when a primary is lost, whether this secondary may
 	// promote. Nil means never promote on failure (planned switchovers
 	// still work): safe, but no automatic failover.
@@ -119,4 +126,11 @@ func (c Config) withDefaults() (Config, error) {
 		return c, fmt.Errorf("%w: a peer listener needs credentials (ftctl cert)", ErrBadRequest)
 	}
 	return c, nil
+}
+
+// Witness is the lease service as the agent uses it: failover.Leaser, and
+// a release for planned handovers (failover.WitnessClient implements it).
+type Witness interface {
+	failover.Leaser
+	Release(ctx context.Context, vm string) error
 }

@@ -45,6 +45,9 @@ type guest struct {
 	health string
 	// killedFor is why the agent killed a hung QEMU.
 	killedFor string
+	// guardStop/guardDone: the witness lease guard, while it runs.
+	guardStop context.CancelFunc
+	guardDone chan struct{}
 }
 
 // protection is one pairing of a guest with a secondary.
@@ -216,11 +219,18 @@ func (g *guest) qemuExited() {
 	if reason == "" {
 		reason = g.exitReason()
 	}
+	// The VM is gone here: its lease is free for the secondary, which
+	// must have it before it is told to take over.
+	g.stopGuard(false)
 	if p != nil {
+		g.releaseLease()
 		g.vmLost(p, reason)
 	}
 	g.stopProtection()
 	g.setState(StateStopped, reason)
+	if p == nil {
+		g.releaseLease()
+	}
 }
 
 // vmLost ends a protection because the VM died here: the held output is
@@ -291,6 +301,9 @@ func (g *guest) pair(ctx context.Context, peer string) error {
 	}
 	if g.a.cfg.Credentials == nil {
 		return fmt.Errorf("%w: this agent has no credentials for replication links (start it with --ca/--cert/--key or --psk-file)", ErrState)
+	}
+	if err := g.startGuard(ctx); err != nil {
+		return err
 	}
 	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	raw, err := wire.Dial(dctx, peerAddr(peer), g.a.cfg.Credentials)
@@ -427,6 +440,7 @@ func (g *guest) runProtection(ctx context.Context, p *protection) {
 		if reason == "" {
 			reason = g.exitReason()
 		}
+		g.stopGuard(true)
 		g.vmLost(p, reason)
 	}
 	g.mu.Lock()
@@ -568,6 +582,8 @@ func (g *guest) failover(ctx context.Context) (uint64, error) {
 		return 0, fmt.Errorf("final checkpoint: %w", err)
 	}
 	<-p.done // the coordinator has stopped; the link is ours again
+	// The guest stays paused from here on: its lease goes to the peer.
+	g.stopGuard(true)
 	if err := sendMsg(ctx, p.conn, message{Op: opHandover, VM: g.name, Epoch: n}); err != nil {
 		g.resumeAlone(p, err)
 		return 0, fmt.Errorf("%w: tell %s to take over: %w", ErrPeer, p.peer, err)
@@ -610,6 +626,14 @@ func (g *guest) resumeAlone(p *protection, err error) {
 	g.dev.passthrough(true)
 	g.dev.stream(nil)
 	drain(p.events)
+	if gerr := g.startGuard(context.Background()); gerr != nil {
+		// Without the lease, resuming could make two copies run.
+		g.mu.Lock()
+		g.prot = nil
+		g.mu.Unlock()
+		g.setState(StateDegraded, fmt.Sprintf("handover failed (%v) and the lease could not be taken back (%v); guest left paused", err, gerr))
+		return
+	}
 	g.m.QMP().Cont(context.Background())
 	g.mu.Lock()
 	g.prot = nil
@@ -646,6 +670,7 @@ func (g *guest) stop(ctx context.Context) error {
 	defer cancel()
 	err := g.m.Stop(qctx)
 	g.m.Close()
+	g.stopGuard(true)
 	g.dev.close()
 	os.RemoveAll(g.dir)
 	for _, f := range g.extra {
@@ -714,4 +739,95 @@ func (r *rateMeter) update(epochs uint64, bytes int64) (float64, float64) {
 	}
 	r.t, r.epochs, r.bytes = now, epochs, bytes
 	return r.er, r.br
+}
+
+// startGuard takes the VM's lease from the witness (when one is
+// configured) and keeps it with a failover.PrimaryGuard until stopGuard.
+// The guard runs from the first pairing on, degraded or not: a standby of
+// the VM may exist on a peer, which the witness lets promote only once this
+// primary stopped renewing — and a primary that cannot renew fences itself
+// first. A witness that cannot be reached, or says another node holds the
+// lease, refuses the pairing (nothing has been started yet).
+func (g *guest) startGuard(ctx context.Context) error {
+	w := g.a.cfg.Witness
+	if w == nil {
+		return nil
+	}
+	g.mu.Lock()
+	running := g.guardStop != nil
+	g.mu.Unlock()
+	if running {
+		return nil
+	}
+	l, err := w.Acquire(ctx, g.name, true)
+	if err != nil {
+		return fmt.Errorf("%w: witness: %w (is `ftctl witness` running and reachable, with the same key?)", ErrPeer, err)
+	}
+	if !l.Granted {
+		if l.Holder == "" {
+			return fmt.Errorf("%w: the witness restarted less than a lease ago and grants no new lease yet; try again in %v", ErrState, l.TTL)
+		}
+		return fmt.Errorf("%w: the witness says %q holds the lease of %s", ErrState, l.Holder, g.name)
+	}
+	guard, err := failover.NewPrimaryGuard(failover.GuardConfig{VM: g.name, Lease: w, Fence: failover.FenceFunc(g.fence)})
+	if err != nil {
+		return fmt.Errorf("%w: %w", ErrBadRequest, err)
+	}
+	gctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	g.mu.Lock()
+	g.guardStop, g.guardDone = cancel, done
+	g.mu.Unlock()
+	go func() {
+		defer close(done)
+		err := guard.Run(gctx)
+		if gctx.Err() == nil {
+			g.a.log.Warn("lease guard ended", "vm", g.name, "err", err)
+		}
+	}()
+	return nil
+}
+
+// stopGuard stops renewing the lease; with release it gives the lease up,
+// which is only safe once the VM here is stopped or paused for good.
+func (g *guest) stopGuard(release bool) {
+	g.mu.Lock()
+	stop, done := g.guardStop, g.guardDone
+	g.guardStop, g.guardDone = nil, nil
+	g.mu.Unlock()
+	if stop == nil {
+		return
+	}
+	stop()
+	<-done
+	if release {
+		g.releaseLease()
+	}
+}
+
+// releaseLease gives the VM's lease up (best effort: unreleased, it lapses
+// within a TTL).
+func (g *guest) releaseLease() {
+	if g.a.cfg.Witness == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	if err := g.a.cfg.Witness.Release(ctx, g.name); err != nil {
+		g.a.log.Warn("release lease", "vm", g.name, "err", err)
+	}
+}
+
+// fence is the guard's last resort: this primary lost (or could not
+// renew) the VM's lease, so a secondary may be promoting. The QEMU is
+// killed, not paused: a paused copy could be resumed by mistake next to
+// the promoted one, and the secondary resumes from its own replica anyway.
+func (g *guest) fence(ctx context.Context, reason string) error {
+	g.mu.Lock()
+	g.killedFor = "fenced: " + reason + "; QEMU killed"
+	g.mu.Unlock()
+	g.a.log.Warn("fencing", "vm", g.name, "reason", reason)
+	err := g.m.Kill()
+	g.a.log.Warn("fenced: QEMU killed", "vm", g.name, "err", err)
+	return err
 }

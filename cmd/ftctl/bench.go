@@ -51,7 +51,7 @@ wire bytes per dirty byte exist only for the protected run.`,
 			&cli.BoolFlag{Name: "keep", Usage: "keep the work directory"},
 			&cli.BoolFlag{Name: "verbose", Usage: "log the test bed's steps"},
 		},
-		Action: runBench,
+		Action: func(ctx context.Context, cmd *cli.Command) error { return interrupted(ctx, runBench(ctx, cmd)) },
 	}
 }
 

@@ -63,9 +63,18 @@ demonstration instead: checkpoints of a plain QEMU, SIGKILL, restore.`,
 			if cmd.Bool("local") {
 				return runLocalDemo(ctx, cmd)
 			}
-			return runDemo(ctx, cmd)
+			return interrupted(ctx, runDemo(ctx, cmd))
 		},
 	}
+}
+
+// interrupted says plainly that a run ended on Ctrl-C (its cleanup has
+// run by then) instead of "context canceled".
+func interrupted(ctx context.Context, err error) error {
+	if err != nil && ctx.Err() != nil {
+		return cli.Exit("interrupted; everything the run made was removed", 130)
+	}
+	return err
 }
 
 // demoChecks prints checks and collects the failed ones; the demo goes on to report them all.

@@ -35,6 +35,10 @@ type Options struct {
 	// libvirtd probes QEMU's capabilities first (seconds under TCG on a
 	// loaded machine). Default 90 s.
 	StartTimeout time.Duration
+	// BeforeStart, when set, runs with the daemon's directory before the
+	// daemon starts: the place to put files libvirtd reads only at start,
+	// such as a hook script in DIR/etc/hooks (/etc/libvirt/hooks inside).
+	BeforeStart func(dir string) error
 }
 
 // Daemon is a running private libvirtd.
@@ -138,6 +142,11 @@ func start(ctx context.Context, dir, script string, opts Options) (*Daemon, erro
 	}
 	d.URI = "qemu:///system?socket=" + d.Socket
 	seedCapCache(dir)
+	if opts.BeforeStart != nil {
+		if err := opts.BeforeStart(dir); err != nil {
+			return nil, fmt.Errorf("libvirttest: before start: %w", err)
+		}
+	}
 	logf, err := os.Create(filepath.Join(dir, "daemon.log"))
 	if err != nil {
 		return nil, err

@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"context"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -260,7 +261,7 @@ func replicationLinkCut(t *testing.T, mgmt bool) {
 	if err := c.bed.RestoreReplication(); err != nil {
 		t.Fatal(err)
 	}
-	c.pair(c.a, c.b, false)
+	c.repair(c.a, c.b)
 	sb = c.b.waitState(vmName, agent.StateStandby, 30*time.Second)
 	if sb.RunState != "inmigrate" {
 		t.Fatalf("B's new standby is %q", sb.RunState)
@@ -329,13 +330,36 @@ func secondaryKilled(t *testing.T, isolate bool) {
 		t.Fatalf("A while degraded: %+v, %v", sa, err)
 	}
 
+	// A tries to pair with B again by itself, and says when.
+	ctx, cancel := context.WithTimeout(c.ctx, time.Minute)
+	defer cancel()
+	for sa.Repair == nil || sa.Repair.Attempts == 0 || sa.Repair.LastError == "" {
+		select {
+		case <-ctx.Done():
+			t.Fatalf("A shows no failed re-pairing attempt: %+v", sa)
+		case <-time.After(200 * time.Millisecond):
+		}
+		if sa, err = c.a.status(vmName); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Logf("A re-pairs by itself: %d attempts so far, next at +%v, last error: %s", sa.Repair.Attempts,
+		time.Until(sa.Repair.Next).Round(time.Millisecond), sa.Repair.LastError)
+	if r := c.a.mustCLI("status"); !strings.Contains(r.stdout, "re-pairing with "+c.b.listen) {
+		t.Errorf("ftctl status does not show the re-pairing:\n%s", r.stdout)
+	}
+
 	if isolate {
 		if err := c.bed.Rejoin(c.bed.B); err != nil {
 			t.Fatal(err)
 		}
 	}
 	c.b.start()
-	c.pair(c.a, c.b, false)
+	backT := time.Now()
+	// No pair command: the agent on A re-pairs.
+	c.a.waitState(vmName, agent.StateProtected, 2*time.Minute, agent.StateStopped)
+	c.b.waitState(vmName, agent.StateStandby, 30*time.Second)
+	t.Logf("protected again %v after B's agent came back, without a pair command", time.Since(backT).Round(time.Millisecond))
 	if _, err := vc.onLong(30 * time.Second); err != nil {
 		t.Fatalf("long-lived connection after re-pairing: %v", err)
 	}

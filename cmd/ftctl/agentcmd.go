@@ -57,7 +57,9 @@ primary then runs on alone (degraded). With --mgmt-listen on both agents,
 they also exchange authenticated UDP heartbeats over a second network (key:
 --mgmt-key-file, or derived from --psk-file); if the peer's agent still
 answers there after the replication link ended, only the link failed and the
-secondary does not promote, without probing the LAN.
+secondary does not promote, without probing the LAN. A degraded primary
+pairs with its last peer again by itself (--auto-repair), 1 s after the
+loss and then backing off to --repair-max; ftctl status shows the next try.
 
 The primary polls each VM's QEMU over QMP; one silent for --qmp-timeout is
 hung: shown in status, and, while the VM is protected, killed, and the
@@ -90,6 +92,8 @@ never promotes on its own (planned failovers still work).`,
 			&cli.StringFlag{Name: "arbiter", Value: "probe", Usage: "who decides a failover: probe or none"},
 			&cli.StringFlag{Name: "probe-interface", Usage: "LAN interface for ARP probes (default: --bridge)"},
 			&cli.BoolFlag{Name: "promote-on-silence", Value: true, Usage: "probe arbiter: promote when the VM does not answer on the LAN (default false with --witness: the witness decides then)"},
+			&cli.BoolFlag{Name: "auto-repair", Value: true, Usage: "a degraded VM pairs with its last peer again by itself (after 1 s, backing off to --repair-max)"},
+			&cli.DurationFlag{Name: "repair-max", Value: 30 * time.Second, Usage: "longest wait between two automatic re-pairing attempts"},
 			&cli.StringFlag{Name: "witness", Usage: "`HOST:PORT` of an ftctl witness: primaries hold each paired VM's lease there (and fence the VM when they cannot), secondaries ask it when the LAN probe cannot decide"},
 			&cli.StringFlag{Name: "witness-key-file", Usage: "key `FILE` shared with the witness (ftctl cert psk)"},
 			&cli.DurationFlag{Name: "witness-wait", Value: agent.DefaultWitnessWait, Usage: "how long a secondary keeps asking the witness while the primary holds the lease"},
@@ -108,6 +112,7 @@ func agentConfig(cmd *cli.Command) (agent.Config, error) {
 		Name: cmd.String("name"), StateDir: cmd.String("state-dir"), RunDir: cmd.String("run-dir"),
 		RAMDir: cmd.String("ram-dir"), ControlSocket: cmd.String("socket"), PeerAddr: cmd.String("listen"),
 		Bridge: cmd.String("bridge"), PeerTimeout: cmd.Duration("peer-timeout"), QMPTimeout: cmd.Duration("qmp-timeout"),
+		NoRepair: !cmd.Bool("auto-repair"), RepairMax: cmd.Duration("repair-max"),
 		Policy: lockstep.Policy{Mode: lockstep.Mode(cmd.String("policy")), MinInterval: cmd.Duration("min-interval"),
 			MaxInterval: cmd.Duration("max-interval"), Period: cmd.Duration("period")},
 		Logger: slog.New(slog.NewTextHandler(cmd.Root().ErrWriter, &slog.HandlerOptions{Level: lvl})),
@@ -419,6 +424,17 @@ func printStatus(w io.Writer, list []agent.VMStatus) {
 		}
 		if s.Error != "" {
 			note = s.Error
+		}
+		if r := s.Repair; r != nil {
+			next := "now"
+			if d := time.Until(r.Next); d > 0 {
+				next = "in " + d.Round(100*time.Millisecond).String()
+			}
+			note += fmt.Sprintf("; re-pairing with %s %s (attempt %d", r.Peer, next, r.Attempts+1)
+			if r.LastError != "" {
+				note += "; last: " + r.LastError
+			}
+			note += ")"
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%.1f\t%v/%v\t%v\t%.2f\t%s\n", s.Name, s.Role, s.State, s.Peer, s.Epoch, s.EpochRate,
 			s.PauseP50.Round(100*time.Microsecond), s.PauseP99.Round(100*time.Microsecond), s.Lag.Round(100*time.Microsecond),

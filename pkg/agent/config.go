@@ -62,6 +62,11 @@ type Config struct {
 	// promoted secondary takes it over. The arbiter should ask the same
 	// witness (ProbeArbiter.Witness).
 	Witness Witness
+	// NoRepair turns off the automatic re-pairing of degraded VMs with
+	// their last peer. RepairMin (default 1 s) is the first delay, doubled
+	// after each failed attempt up to RepairMax (default 30 s).
+	NoRepair             bool
+	RepairMin, RepairMax time.Duration
 	// Arbiter decides, when a primary is lost, whether this secondary may
 	// promote. Nil means never promote on failure (planned switchovers
 	// still work): safe, but no automatic failover.
@@ -103,6 +108,12 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if c.PeerTimeout <= 0 {
 		c.PeerTimeout = time.Second
+	}
+	if c.RepairMin <= 0 {
+		c.RepairMin = time.Second
+	}
+	if c.RepairMax < c.RepairMin {
+		c.RepairMax = max(30*time.Second, c.RepairMin)
 	}
 	if c.QMPTimeout <= 0 {
 		c.QMPTimeout = DefaultQMPTimeout

@@ -48,6 +48,13 @@ type guest struct {
 	// guardStop/guardDone: the witness lease guard, while it runs.
 	guardStop context.CancelFunc
 	guardDone chan struct{}
+	// pairMu serialises pairings (the user's and the automatic ones).
+	pairMu sync.Mutex
+	// The automatic re-pairing of a degraded guest, while it runs.
+	repairStop  context.CancelFunc
+	repairNext  time.Time
+	repairTries int
+	repairErr   string
 }
 
 // protection is one pairing of a guest with a secondary.
@@ -67,6 +74,7 @@ type protection struct {
 	stopping bool // ended on purpose (unpair, stop)
 	vmLost   bool // ended because the VM died here
 	lostOnce sync.Once
+	auto     bool // made by the automatic re-pairing, not (yet) by the user
 }
 
 func (g *guest) setState(s State, reason string) {
@@ -219,6 +227,7 @@ func (g *guest) qemuExited() {
 	if reason == "" {
 		reason = g.exitReason()
 	}
+	g.stopRepair()
 	// The VM is gone here: its lease is free for the secondary, which
 	// must have it before it is told to take over.
 	g.stopGuard(false)
@@ -289,6 +298,24 @@ func (g *guest) tellVMLost(p *protection, reason string) error {
 
 // pair opens a link to peer and starts protecting the guest there.
 func (g *guest) pair(ctx context.Context, peer string) error {
+	g.stopRepair()
+	g.pairMu.Lock()
+	defer g.pairMu.Unlock()
+	g.mu.Lock()
+	if p := g.prot; p != nil && p.auto && p.peer == peer {
+		// The automatic re-pairing got there first: what the user asks
+		// for is done, and the pairing is the user's from now on.
+		p.auto = false
+		g.mu.Unlock()
+		return nil
+	}
+	g.mu.Unlock()
+	return g.pairLocked(ctx, peer, false)
+}
+
+// pairLocked pairs the guest with peer; pairMu is held, so that a user's
+// pairing and an automatic one never run at once.
+func (g *guest) pairLocked(ctx context.Context, peer string, auto bool) error {
 	g.mu.Lock()
 	st := g.state
 	busy := g.prot != nil
@@ -357,7 +384,7 @@ func (g *guest) pair(ctx context.Context, peer string) error {
 		return undo(fmt.Errorf("%w: %s refused to protect %s: %s", ErrPeer, peer, g.name, reply.Error))
 	}
 
-	p := &protection{peer: peer, conn: conn, events: events, done: make(chan struct{})}
+	p := &protection{peer: peer, conn: conn, events: events, done: make(chan struct{}), auto: auto}
 	if p.health, err = g.a.newPeerHealth(reply.Mgmt); err != nil {
 		return undo(err)
 	}
@@ -506,6 +533,7 @@ func (g *guest) degrade(p *protection, err error) {
 		reason = "secondary lost: " + p.conn.cause(err)
 	}
 	g.setState(StateDegraded, reason)
+	g.startRepair(p.peer)
 	if !p.health.hasMgmt() {
 		p.health.close()
 		return
@@ -643,9 +671,17 @@ func (g *guest) resumeAlone(p *protection, err error) {
 
 // unpair stops protecting the guest (it keeps running, unprotected).
 func (g *guest) unpair() error {
+	repairing := g.stopRepair()
+	g.pairMu.Lock()
+	defer g.pairMu.Unlock()
 	g.mu.Lock()
 	p := g.prot
 	g.mu.Unlock()
+	if p == nil && repairing {
+		g.peer = ""
+		g.setState(StateUnprotected, "unpaired (automatic re-pairing stopped)")
+		return nil
+	}
 	if p == nil {
 		return fmt.Errorf("%w: %s is not paired", ErrState, g.name)
 	}
@@ -665,6 +701,7 @@ func (g *guest) stop(ctx context.Context) error {
 		return nil
 	}
 	g.setState(StateStopped, "stopped by request")
+	g.stopRepair()
 	g.stopProtection()
 	qctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
@@ -691,6 +728,10 @@ func (g *guest) status() VMStatus {
 		s.PID = g.pid()
 	}
 	p := g.prot
+	if g.repairStop != nil && p == nil {
+		next := g.repairNext
+		s.Repair = &RepairStatus{Peer: g.peer, Next: next, Attempts: g.repairTries, LastError: g.repairErr}
+	}
 	g.mu.Unlock()
 	if p == nil {
 		return s
@@ -830,4 +871,82 @@ func (g *guest) fence(ctx context.Context, reason string) error {
 	err := g.m.Kill()
 	g.a.log.Warn("fenced: QEMU killed", "vm", g.name, "err", err)
 	return err
+}
+
+// Automatic re-pairing: a degraded guest tries to pair with its last peer
+// again, after 1 s, then doubling up to 30 s between attempts (Config
+// RepairMin/RepairMax; NoRepair turns it off), until it succeeds or a user
+// pairs, unpairs or stops the VM. Each attempt that reaches the peer costs
+// the guest one brief pause (the disk event stream starts at a stop), so
+// the backoff also bounds that.
+
+// startRepair starts re-pairing with peer unless it runs already.
+func (g *guest) startRepair(peer string) {
+	if g.a.cfg.NoRepair || peer == "" {
+		return
+	}
+	g.mu.Lock()
+	if g.repairStop != nil {
+		g.mu.Unlock()
+		return
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	g.repairStop, g.repairTries, g.repairErr = cancel, 0, ""
+	g.mu.Unlock()
+	go g.repairLoop(ctx, peer)
+}
+
+// stopRepair ends the re-pairing (without waiting for an attempt under
+// way: pairMu orders it with what follows). It reports whether one ran.
+func (g *guest) stopRepair() bool {
+	g.mu.Lock()
+	stop := g.repairStop
+	g.repairStop = nil
+	g.mu.Unlock()
+	if stop != nil {
+		stop()
+	}
+	return stop != nil
+}
+
+func (g *guest) repairLoop(ctx context.Context, peer string) {
+	defer func() {
+		g.mu.Lock()
+		if g.repairStop != nil && ctx.Err() == nil {
+			g.repairStop()
+			g.repairStop = nil
+		}
+		g.mu.Unlock()
+	}()
+	delay := g.a.cfg.RepairMin
+	for {
+		g.mu.Lock()
+		g.repairNext = time.Now().Add(delay)
+		g.mu.Unlock()
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(delay):
+		}
+		g.pairMu.Lock()
+		g.mu.Lock()
+		st, busy := g.state, g.prot != nil
+		g.repairTries++
+		g.mu.Unlock()
+		if ctx.Err() != nil || busy || st != StateDegraded {
+			g.pairMu.Unlock()
+			return
+		}
+		err := g.pairLocked(ctx, peer, true)
+		g.pairMu.Unlock()
+		if err == nil {
+			g.a.log.Info("re-paired", "vm", g.name, "peer", peer)
+			return
+		}
+		g.a.log.Info("re-pairing failed", "vm", g.name, "peer", peer, "err", err)
+		g.mu.Lock()
+		g.repairErr = err.Error()
+		g.mu.Unlock()
+		delay = min(2*delay, g.a.cfg.RepairMax)
+	}
 }

@@ -252,6 +252,14 @@ func (r *replicaVM) arbitrate(ctx context.Context, lost, vmDead string) {
 		r.setState(StateStandby, fmt.Sprintf("primary link lost (%s); not promoting: %s", lost, why))
 		return
 	}
+	r.mu.Lock()
+	replaced := r.state == StateStopped
+	r.mu.Unlock()
+	if replaced {
+		// A new pairing from the primary replaced this replica while the
+		// arbiter was thinking: the primary lives.
+		return
+	}
 	if _, err := r.promoteNow(ctx, fmt.Sprintf("primary lost (%s): %s", lost, why)); err != nil {
 		r.a.log.Error("promotion failed", "vm", r.name, "err", err)
 	}

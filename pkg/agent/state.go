@@ -80,7 +80,17 @@ type VMStatus struct {
 	BytesPerSecond float64       `json:"bytes_per_second,omitempty"`
 	WireBytes      int64         `json:"wire_bytes,omitempty"`
 	Sync           *SyncProgress `json:"sync,omitempty"`
-	Error          string        `json:"error,omitempty"`
+	// Repair is set while a degraded VM tries to pair with its peer again.
+	Repair *RepairStatus `json:"repair,omitempty"`
+	Error  string        `json:"error,omitempty"`
+}
+
+// RepairStatus is the automatic re-pairing of a degraded VM.
+type RepairStatus struct {
+	Peer      string    `json:"peer"`
+	Next      time.Time `json:"next"` // when the next attempt starts (past while one runs)
+	Attempts  int       `json:"attempts"`
+	LastError string    `json:"last_error,omitempty"`
 }
 
 // SyncProgress is the initial synchronisation's advance.

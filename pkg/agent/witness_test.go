@@ -122,3 +122,57 @@ func TestStartGuardRefuses(t *testing.T) {
 		t.Fatalf("guard asked %d times and released %v; want renewals and one release", w.asked, w.released)
 	}
 }
+
+// TestRepairLoop: a degraded guest retries pairing with its peer, backing
+// off, and records each failure; unpairing stops the retries and leaves the
+// guest unprotected.
+func TestRepairLoop(t *testing.T) {
+	dir := t.TempDir()
+	a, err := New(Config{Name: "a", StateDir: dir + "/s", RunDir: dir + "/r", RAMDir: dir + "/m",
+		RepairMin: 20 * time.Millisecond, RepairMax: 80 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// No credentials: every attempt fails at once, before any QEMU work.
+	g := &guest{a: a, name: "web", dev: &devices{}, state: StateDegraded, peer: "127.0.0.1:1"}
+	g.startRepair(g.peer)
+	g.startRepair(g.peer) // a second start while one runs is a no-op
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		g.mu.Lock()
+		tries, lastErr, next := g.repairTries, g.repairErr, g.repairNext
+		g.mu.Unlock()
+		if tries >= 5 && lastErr != "" {
+			if !strings.Contains(lastErr, "no credentials") {
+				t.Fatalf("attempt error: %q", lastErr)
+			}
+			if wait := time.Until(next); wait > 80*time.Millisecond {
+				t.Fatalf("next attempt in %v, beyond RepairMax", wait)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("only %d attempts (last error %q)", tries, lastErr)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if err := g.unpair(); err != nil {
+		t.Fatal(err)
+	}
+	g.mu.Lock()
+	st, tries := g.state, g.repairTries
+	g.mu.Unlock()
+	if st != StateUnprotected {
+		t.Fatalf("after unpair: %s", st)
+	}
+	time.Sleep(300 * time.Millisecond)
+	g.mu.Lock()
+	after := g.repairTries
+	g.mu.Unlock()
+	if after > tries+1 { // one attempt may have been under way
+		t.Fatalf("attempts went on after unpair: %d → %d", tries, after)
+	}
+	if err := g.unpair(); err == nil {
+		t.Fatal("unpairing an unpaired guest succeeded")
+	}
+}

@@ -12,6 +12,19 @@
 // A pairing is one authenticated link (pkg/lockstep/wire) opened by the
 // primary's agent: a control message asks the peer to prepare a replica and
 // a standby, then the link carries lockstep epochs. When the link dies the
-// primary goes on alone (degraded, output released); the secondary asks
-// its arbiter whether the primary is really gone before it promotes.
+// primary goes on alone (degraded, output released) and pairs with its
+// last peer again by itself, backing off from 1 s to 30 s; the secondary
+// asks its arbiter whether the primary is really gone before it promotes.
+//
+// Failure detection (see health.go): besides the replication link, agents
+// started with a management address exchange authenticated UDP heartbeats
+// over a second network, watched by a failover.Detector per pairing; a
+// peer agent heard there after the link ended is alive, so only the link
+// broke and the secondary does not promote. The primary polls each VM's
+// QEMU over QMP: a hang is reported, and while protected the hung QEMU is
+// killed; whenever a protected VM dies the primary tells the secondary
+// (vm-lost) so it promotes at once. With a witness (ftctl witness), the
+// primary holds each paired VM's lease and fences the VM when it cannot
+// renew it, and the secondary's arbiter asks the witness when the LAN probe
+// cannot decide.
 package agent

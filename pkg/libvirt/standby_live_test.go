@@ -22,12 +22,13 @@ import (
 	"github.com/ftctl/ftctl/pkg/qmp"
 )
 
-// ramPath asks QEMU where its guest RAM file is (libvirt picks the path:
+// ramPath asks QEMU where the guest RAM file of its memory backend id is
+// (for libvirt's own backend, pc.ram, libvirt picks the path:
 // memory_backing_dir/<id>-<name>/pc.ram).
-func ramPath(ctx context.Context, t *testing.T, c *qmp.Client) string {
+func ramPath(ctx context.Context, t *testing.T, c *qmp.Client, id string) string {
 	t.Helper()
 	var p string
-	if err := c.Execute(ctx, "qom-get", map[string]any{"path": "/objects/pc.ram", "property": "mem-path"}, &p); err != nil {
+	if err := c.Execute(ctx, "qom-get", map[string]any{"path": "/objects/" + id, "property": "mem-path"}, &p); err != nil {
 		t.Fatal(err)
 	}
 	return p
@@ -92,7 +93,26 @@ func dialQMP(ctx context.Context, t *testing.T, path string) *qmp.Client {
 // socket. libvirt on B must show the domain running, its counter must go
 // on from the checkpoint, and libvirt must still drive it (suspend,
 // resume).
+//
+// Two ways to back the guest RAM: "libvirt-file" keeps libvirt's own
+// backend (pc.ram, in a file whose path libvirt picks when the domain
+// starts, so the replica is written into it after the standby starts);
+// "given-file" adds a memory-backend-file with a path of ftctl's choosing
+// through <qemu:commandline> and points -machine memory-backend at it, on
+// both hosts (the backend id names the RAM block in the migration stream,
+// so both sides need the same id, and libvirt's pc.ram is taken), so the
+// standby maps the replica file itself and nothing is copied at failover.
 func TestLiveStandbyDomain(t *testing.T) {
+	for _, given := range []bool{false, true} {
+		name := "libvirt-file"
+		if given {
+			name = "given-file"
+		}
+		t.Run(name, func(t *testing.T) { testStandbyDomain(t, given) })
+	}
+}
+
+func testStandbyDomain(t *testing.T, givenRAM bool) {
 	img := testenv.Guest(t)
 	hostA := libvirttest.Start(t, libvirttest.Options{})
 	hostB := libvirttest.Start(t, libvirttest.Options{})
@@ -108,6 +128,11 @@ func TestLiveStandbyDomain(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	replica := filepath.Join(dir, "b", "replica.ram")
+	memID := "pc.ram"
+	if givenRAM {
+		memID = "ftmem"
+	}
 	dom := func(host string, standby bool) libvirttest.GuestDomain {
 		qmpSock := filepath.Join(dir, host, "qmp.sock")
 		g := libvirttest.GuestDomain{
@@ -116,6 +141,15 @@ func TestLiveStandbyDomain(t *testing.T) {
 			Serial:  filepath.Join(dir, host, "serial.log"),
 			QEMUArgs: []string{"-chardev", "socket,id=ftqmp,path=" + qmpSock + ",server=on,wait=off",
 				"-mon", "chardev=ftqmp,mode=control"},
+		}
+		if givenRAM {
+			ram := filepath.Join(dir, "a", "guest.ram")
+			if standby {
+				ram = replica
+			}
+			g.QEMUArgs = append(g.QEMUArgs,
+				"-object", "memory-backend-file,id=ftmem,size=128M,mem-path="+ram+",share=on",
+				"-machine", "memory-backend=ftmem")
 		}
 		if standby {
 			g.QEMUArgs = append(g.QEMUArgs, "-incoming", "defer")
@@ -138,13 +172,12 @@ func TestLiveStandbyDomain(t *testing.T) {
 	}
 
 	// The checkpoint.
-	replica := filepath.Join(dir, "b", "replica.ram")
 	if err := qa.Stop(ctx); err != nil {
 		t.Fatal(err)
 	}
 	atCheckpoint, _ := os.ReadFile(serialA)
 	ckpt := counterlog.Last(atCheckpoint)
-	if _, err := checkpoint.CopySparse(replica, hostA.RAMFile(ramPath(ctx, t, qa))); err != nil {
+	if _, err := checkpoint.CopySparse(replica, hostA.RAMFile(ramPath(ctx, t, qa, memID))); err != nil {
 		t.Fatal(err)
 	}
 	state, err := checkpoint.SaveDeviceState(ctx, qa)
@@ -199,9 +232,13 @@ func TestLiveStandbyDomain(t *testing.T) {
 	if s, err := qb.QueryStatus(ctx); err != nil || s.Status != "inmigrate" {
 		t.Fatalf("standby QEMU status %+v %v, want inmigrate", s, err)
 	}
-	ramB := ramPath(ctx, t, qb)
-	t.Logf("standby RAM file (chosen by libvirt): %s", ramB)
-	if err := copyInto(hostB.RAMFile(ramB), replica); err != nil {
+	ramB := ramPath(ctx, t, qb, memID)
+	t.Logf("standby RAM file: %s", ramB)
+	if givenRAM {
+		if ramB != replica {
+			t.Fatalf("standby maps %s, not the replica %s", ramB, replica)
+		}
+	} else if err := copyInto(hostB.RAMFile(ramB), replica); err != nil {
 		t.Fatal(err)
 	}
 	if err := checkpoint.RestoreDeviceState(ctx, qb, state, false); err != nil {

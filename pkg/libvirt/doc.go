@@ -15,6 +15,34 @@
 // its own monitor, so `virsh domstate` follows the checkpoints' stop and
 // cont ("paused (unknown)", then "running (unpaused)").
 //
+// Standby as a libvirt domain (TestLiveStandbyDomain, libvirt 9.0 + QEMU
+// 7.2). The standby on host B is defined with the primary's devices plus
+// <qemu:arg value='-incoming'/><qemu:arg value='defer'/> and the
+// dedicated QMP socket, and started paused (virsh start --paused,
+// Conn.Start(ctx, name, true)): libvirt accepts it and reports "paused
+// (user)" while QEMU sits in "inmigrate". The agent restores the
+// checkpoint on the dedicated socket (checkpoint.RestoreDeviceState) and
+// issues cont there: libvirt follows QEMU's RESUME event to "running
+// (unpaused)", virsh list shows the domain, and virsh suspend / resume
+// and libvirt's own monitor keep working afterwards. Guest RAM: libvirt
+// names the file of its own backend (memory_backing_dir/<id>-<name>/pc.ram,
+// the id known only after start; qemu.conf's memory_backing_dir moves
+// only the directory), so either the committed RAM is written into that
+// file after the standby starts (the agent learns the path with qom-get
+// /objects/pc.ram mem-path), or both hosts' domains carry
+//
+//	<qemu:arg value='-object'/>
+//	<qemu:arg value='memory-backend-file,id=ftmem,size=SIZE,mem-path=FILE,share=on'/>
+//	<qemu:arg value='-machine'/>
+//	<qemu:arg value='memory-backend=ftmem'/>
+//
+// which QEMU merges over libvirt's -machine option: the guest then runs
+// on FILE (the replica file on B, nothing copied at failover) and
+// libvirt's own pc.ram backend stays allocated but unused and unmigrated.
+// The backend id names the RAM block in the migration stream, so the
+// primary must use the same id; a second backend named pc.ram would
+// clash with libvirt's.
+//
 // Measured (BenchmarkQMPPath, libvirt 9.0 + QEMU 7.2 under TCG, same
 // domain, same run, a loaded 2-core machine): query-status 5.0 ms through
 // the pass-through vs 0.84 ms on the dedicated socket (6.0x); stop+cont

@@ -10,8 +10,6 @@ import (
 	"net"
 	"os"
 	"path/filepath"
-	"regexp"
-	"strconv"
 	"sync"
 	"testing"
 	"time"
@@ -36,17 +34,6 @@ const (
 )
 
 var quiet = slog.New(slog.NewTextHandler(io.Discard, nil))
-
-var diskSeqRE = regexp.MustCompile(`ftguest disk seq=(\d+)`)
-
-func lastDiskSeq(b []byte) uint64 {
-	m := diskSeqRE.FindAllSubmatch(b, -1)
-	if len(m) == 0 {
-		return 0
-	}
-	v, _ := strconv.ParseUint(string(m[len(m)-1][1]), 10, 64)
-	return v
-}
 
 // pair is a protected guest on one host: a primary QEMU whose disk is served
 // by a logging NBD export, and a secondary replica (RAM file, disk image,
@@ -426,7 +413,7 @@ func TestReplicaEqualsPrimaryAtCommittedEpochs(t *testing.T) {
 	}
 	ckCount := counterlog.Last(atHandover)
 	if err := standby.WaitSerial(ctx, func(b []byte) bool {
-		return counterlog.Last(b) >= ckCount+5 && lastDiskSeq(b) > lastDiskSeq(atHandover)+2
+		return counterlog.Last(b) >= ckCount+5 && counterlog.LastDiskSeq(b) > counterlog.LastDiskSeq(atHandover)+2
 	}); err != nil {
 		t.Fatal(err)
 	}
@@ -435,7 +422,7 @@ func TestReplicaEqualsPrimaryAtCommittedEpochs(t *testing.T) {
 		t.Fatalf("counter across the switchover: %v", err)
 	}
 	standby.Kill()
-	p.verifyDisk(lastDiskSeq(after))
+	p.verifyDisk(counterlog.LastDiskSeq(after))
 }
 
 // standbySpec is the primary's spec with the replica disk as a local file.
@@ -540,5 +527,5 @@ func TestTornEpochLeavesPreviousEpochWhole(t *testing.T) {
 		t.Fatalf("counter after promotion from the last whole epoch: %v", err)
 	}
 	standby.Kill()
-	p.verifyDisk(lastDiskSeq(after))
+	p.verifyDisk(counterlog.LastDiskSeq(after))
 }

@@ -27,11 +27,15 @@ type Agent struct {
 	mu       sync.Mutex
 	guests   map[string]*guest
 	replicas map[string]*replicaVM
-	peerLn   *wire.Listener
-	hbSrv    *failover.HeartbeatServer
-	ctl      net.Listener
-	srv      *http.Server
-	closed   bool
+	// shims are the VMs run by shim processes (Config.ShimCommand).
+	shims map[string]*shimProc
+	// shimOf is the VM this agent serves when it is itself a shim.
+	shimOf string
+	peerLn *wire.Listener
+	hbSrv  *failover.HeartbeatServer
+	ctl    net.Listener
+	srv    *http.Server
+	closed bool
 }
 
 // New checks the configuration and prepares the agent's directories.
@@ -45,7 +49,7 @@ func New(cfg Config) (*Agent, error) {
 			return nil, fmt.Errorf("agent directory: %w", err)
 		}
 	}
-	return &Agent{cfg: cfg, log: cfg.Logger.With("agent", cfg.Name), guests: map[string]*guest{}, replicas: map[string]*replicaVM{}}, nil
+	return &Agent{cfg: cfg, log: cfg.Logger.With("agent", cfg.Name), guests: map[string]*guest{}, replicas: map[string]*replicaVM{}, shims: map[string]*shimProc{}}, nil
 }
 
 // Name is the agent's host name.
@@ -81,6 +85,9 @@ func (a *Agent) ControlSocket() string { return a.cfg.ControlSocket }
 func (a *Agent) Run(ctx context.Context) error {
 	if err := a.listen(ctx); err != nil {
 		return err
+	}
+	if len(a.cfg.ShimCommand) > 0 {
+		a.discoverShims(ctx)
 	}
 	errc := make(chan error, 2)
 	go func() {
@@ -256,6 +263,19 @@ func (a *Agent) vmLostNews(m message, authPeer string) error {
 }
 
 func (a *Agent) acceptProtect(ctx context.Context, m message) (*replicaVM, error) {
+	if sp := a.shimFor(m.VM); sp != nil {
+		st, _ := a.shimStatus(sp)
+		if st.State != StateStopped && st.State != StateHandedOver {
+			return nil, fmt.Errorf("%w: %s runs on this host", ErrExists, m.VM)
+		}
+		sctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+		err := sp.c.Stop(sctx, m.VM)
+		cancel()
+		if err != nil && !errors.Is(err, ErrNotFound) {
+			return nil, fmt.Errorf("%w: %s: what is left of it here: %w", ErrState, m.VM, err)
+		}
+		a.dropShim(sp)
+	}
 	a.mu.Lock()
 	if g, ok := a.guests[m.VM]; ok {
 		a.mu.Unlock()
@@ -344,12 +364,16 @@ func (a *Agent) StartVM(ctx context.Context, spec vm.Spec, probe ProbeSpec) (VMS
 	a.mu.Lock()
 	_, g := a.guests[spec.Name]
 	_, r := a.replicas[spec.Name]
+	_, sh := a.shims[spec.Name]
 	a.mu.Unlock()
-	if g || r {
+	if g || r || sh {
 		return VMStatus{}, fmt.Errorf("%w: %s", ErrExists, spec.Name)
 	}
 	if err := spec.WithDefaults().Validate(); err != nil && !errors.Is(err, vm.ErrInvalidSpec) {
 		return VMStatus{}, err
+	}
+	if len(a.cfg.ShimCommand) > 0 {
+		return a.startShim(ctx, spec, probe)
 	}
 	gu, err := a.startGuest(ctx, spec, probe)
 	if err != nil {
@@ -376,6 +400,9 @@ func (a *Agent) guest(name string) (*guest, error) {
 
 // Pair starts protecting a VM on peer.
 func (a *Agent) Pair(ctx context.Context, name, peer string) (VMStatus, error) {
+	if sp := a.shimFor(name); sp != nil {
+		return sp.c.Pair(ctx, name, peer)
+	}
 	g, err := a.guest(name)
 	if err != nil {
 		return VMStatus{}, err
@@ -388,6 +415,10 @@ func (a *Agent) Pair(ctx context.Context, name, peer string) (VMStatus, error) {
 
 // Failover hands a VM over to its secondary (planned, zero loss).
 func (a *Agent) Failover(ctx context.Context, name string) (uint64, error) {
+	if sp := a.shimFor(name); sp != nil {
+		r, err := sp.c.Failover(ctx, name)
+		return r.Epoch, err
+	}
 	g, err := a.guest(name)
 	if err != nil {
 		return 0, err
@@ -397,6 +428,9 @@ func (a *Agent) Failover(ctx context.Context, name string) (uint64, error) {
 
 // Unpair stops protecting a VM.
 func (a *Agent) Unpair(ctx context.Context, name string) error {
+	if sp := a.shimFor(name); sp != nil {
+		return sp.c.Unpair(ctx, name)
+	}
 	a.mu.Lock()
 	r, isReplica := a.replicas[name]
 	a.mu.Unlock()
@@ -413,6 +447,13 @@ func (a *Agent) Unpair(ctx context.Context, name string) error {
 
 // StopVM shuts a VM down.
 func (a *Agent) StopVM(ctx context.Context, name string) error {
+	if sp := a.shimFor(name); sp != nil {
+		err := sp.c.Stop(ctx, name)
+		if err == nil || errors.Is(err, ErrNotFound) {
+			a.dropShim(sp)
+		}
+		return err
+	}
 	g, err := a.guest(name)
 	if err != nil {
 		return err
@@ -425,6 +466,12 @@ func (a *Agent) Status(name string) ([]VMStatus, error) {
 	a.mu.Lock()
 	var gs []*guest
 	var rs []*replicaVM
+	var ss []*shimProc
+	for n, sp := range a.shims {
+		if name == "" || n == name {
+			ss = append(ss, sp)
+		}
+	}
 	for n, g := range a.guests {
 		if name == "" || n == name {
 			gs = append(gs, g)
@@ -436,10 +483,15 @@ func (a *Agent) Status(name string) ([]VMStatus, error) {
 		}
 	}
 	a.mu.Unlock()
-	if name != "" && len(gs)+len(rs) == 0 {
+	var out []VMStatus
+	for _, sp := range ss {
+		if st, ok := a.shimStatus(sp); ok {
+			out = append(out, st)
+		}
+	}
+	if name != "" && len(gs)+len(rs)+len(out) == 0 {
 		return nil, fmt.Errorf("%w: %s", ErrNotFound, name)
 	}
-	var out []VMStatus
 	for _, g := range gs {
 		out = append(out, withRunState(g.status(), g.m))
 	}
@@ -480,8 +532,18 @@ func (a *Agent) Close() error {
 	for _, r := range a.replicas {
 		rs = append(rs, r)
 	}
+	ss := make([]*shimProc, 0, len(a.shims))
+	for _, sp := range a.shims {
+		ss = append(ss, sp)
+	}
 	a.closed = true
 	a.mu.Unlock()
+	for _, sp := range ss {
+		ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+		sp.c.Stop(ctx, sp.name)
+		cancel()
+		a.dropShim(sp)
+	}
 	for _, g := range gs {
 		g.stop(context.Background())
 	}
@@ -494,6 +556,11 @@ func (a *Agent) Close() error {
 // Serial returns what the VM has written to its serial console on this
 // host (for a replica: its standby, silent until promoted).
 func (a *Agent) Serial(name string) ([]byte, error) {
+	if sp := a.shimFor(name); sp != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), shimTimeout)
+		defer cancel()
+		return sp.c.Serial(ctx, name)
+	}
 	a.mu.Lock()
 	g, isGuest := a.guests[name]
 	r, isReplica := a.replicas[name]

@@ -22,6 +22,7 @@ import (
 //	POST   /v1/vms/{name}/failover planned switchover to the secondary
 //	POST   /v1/vms/{name}/unpair   stop protecting it
 //	DELETE /v1/vms/{name}          shut it down
+//	GET    /v1/vms/{name}/serial   its serial console so far
 
 // StartRequest asks the agent to run a VM.
 type StartRequest struct {
@@ -150,6 +151,15 @@ func (a *Agent) routes() http.Handler {
 		}
 		writeJSON(w, struct{}{})
 	})
+	mux.HandleFunc("GET /v1/vms/{name}/serial", func(w http.ResponseWriter, r *http.Request) {
+		b, err := a.Serial(r.PathValue("name"))
+		if err != nil {
+			writeErr(w, err)
+			return
+		}
+		w.Header().Set("Content-Type", "application/octet-stream")
+		w.Write(b)
+	})
 	mux.HandleFunc("DELETE /v1/vms/{name}", func(w http.ResponseWriter, r *http.Request) {
 		if err := a.StopVM(r.Context(), r.PathValue("name")); err != nil {
 			writeErr(w, err)
@@ -178,6 +188,15 @@ func NewClient(socket string) *Client {
 }
 
 func (c *Client) do(ctx context.Context, method, path string, body, out any) error {
+	return c.doRaw(ctx, method, path, body, func(r io.Reader) error {
+		if out == nil {
+			return nil
+		}
+		return json.NewDecoder(r).Decode(out)
+	})
+}
+
+func (c *Client) doRaw(ctx context.Context, method, path string, body any, read func(io.Reader) error) error {
 	var rd io.Reader
 	if body != nil {
 		b, err := json.Marshal(body)
@@ -207,10 +226,7 @@ func (c *Client) do(ctx context.Context, method, path string, body, out any) err
 		}
 		return errors.New(e.Error)
 	}
-	if out != nil {
-		return json.NewDecoder(resp.Body).Decode(out)
-	}
-	return nil
+	return read(resp.Body)
 }
 
 // remoteError carries the agent's message and its sentinel.
@@ -260,4 +276,15 @@ func (c *Client) Unpair(ctx context.Context, name string) error {
 // Stop shuts a VM down.
 func (c *Client) Stop(ctx context.Context, name string) error {
 	return c.do(ctx, http.MethodDelete, "/v1/vms/"+name, nil, nil)
+}
+
+// Serial returns what a VM has written to its serial console.
+func (c *Client) Serial(ctx context.Context, name string) ([]byte, error) {
+	var b []byte
+	err := c.doRaw(ctx, http.MethodGet, "/v1/vms/"+name+"/serial", nil, func(r io.Reader) error {
+		var err error
+		b, err = io.ReadAll(io.LimitReader(r, 64<<20))
+		return err
+	})
+	return b, err
 }

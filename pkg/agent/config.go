@@ -72,6 +72,12 @@ type Config struct {
 	// still work): safe, but no automatic failover.
 	Arbiter Arbiter
 
+	// ShimCommand, if set, is the command (argv) that starts a VM's shim;
+	// the agent appends "--vm NAME". Each VM this host runs as primary
+	// then lives in its own shim process and survives an agent restart
+	// (see shim.go). Empty: VMs run inside the agent process.
+	ShimCommand []string
+
 	Logger *slog.Logger
 }
 

@@ -722,6 +722,9 @@ func (g *guest) status() VMStatus {
 	g.mu.Lock()
 	s := VMStatus{Name: g.name, Role: RolePrimary, State: g.state, Peer: g.peer, Reason: g.reason, Since: g.since,
 		Accel: g.m.Accel(), QEMUHealth: g.health}
+	if g.a.shimOf != "" {
+		s.ShimPID = os.Getpid()
+	}
 	select {
 	case <-g.m.Exited():
 	default:

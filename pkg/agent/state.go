@@ -54,8 +54,11 @@ type VMStatus struct {
 	Reason string    `json:"reason,omitempty"` // why the last state change happened
 	Since  time.Time `json:"since"`
 
-	PID   int    `json:"pid,omitempty"`
-	Accel string `json:"accel,omitempty"`
+	PID int `json:"pid,omitempty"`
+	// ShimPID is the process that owns the VM's QEMU, devices and
+	// replication when the agent runs VMs in shims.
+	ShimPID int    `json:"shim_pid,omitempty"`
+	Accel   string `json:"accel,omitempty"`
 	// RunState is QEMU's own run state (query-status: "running",
 	// "paused", "inmigrate" for a standby waiting to take over, ...), so a
 	// user can see that exactly one copy of the VM runs.

@@ -429,6 +429,7 @@ func (p *preparePlan) checkDisks(prot Protection) {
 		known[d.Target] = d
 	}
 	next := len(prot.Disks)
+	targets := map[string]bool{}
 	for i, d := range p.dom.Devices.Disks {
 		area := "disk " + d.Target.Dev
 		if d.Target.Dev == "" {
@@ -457,6 +458,17 @@ func (p *preparePlan) checkDisks(prot Protection) {
 			p.add(Blocker, area, "transient disk", "its writes are thrown away on shutdown, not replicated", "")
 			continue
 		}
+		if d.Target.Dev == "" {
+			// The target names the disk in ftctl's metadata; libvirt itself
+			// refuses a disk without one.
+			p.add(Blocker, area, "disk without <target dev=...>", "ftctl records each disk by its target", "give the disk a target, as libvirt requires")
+			continue
+		}
+		if targets[d.Target.Dev] {
+			p.add(Blocker, area, "second disk with target "+d.Target.Dev, "ftctl records each disk by its target", "give each disk its own target, as libvirt requires")
+			continue
+		}
+		targets[d.Target.Dev] = true
 		switch d.Type {
 		case "network":
 			if d.Source != nil && d.Source.Protocol == "nbd" && len(d.Source.Hosts) == 1 && d.Source.Hosts[0].Transport == "unix" {

@@ -38,6 +38,7 @@ type Node struct {
 	Text string
 
 	raw       string // start tag (elements) or whole node as parsed
+	endRaw    string // end tag as parsed ("</name >" keeps its spaces)
 	selfClose bool
 	dirty     bool // start tag must be re-serialised
 }
@@ -104,6 +105,9 @@ func Parse(data []byte) (*Document, error) {
 			top := stack[len(stack)-1]
 			if top.Name != qname(t.Name) {
 				return nil, fmt.Errorf("%w: </%s> at offset %d closes <%s>", ErrBadXML, qname(t.Name), start, top.Name)
+			}
+			if !top.selfClose {
+				top.endRaw = raw
 			}
 			stack = stack[:len(stack)-1]
 		case xml.CharData:
@@ -198,6 +202,10 @@ func (n *Node) write(b *strings.Builder) {
 	}
 	for _, c := range n.Children {
 		c.write(b)
+	}
+	if n.endRaw != "" {
+		b.WriteString(n.endRaw)
+		return
 	}
 	b.WriteString("</" + n.Name + ">")
 }

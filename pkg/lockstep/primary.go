@@ -436,9 +436,12 @@ func (p *Primary) sync(ctx context.Context) error {
 	return nil
 }
 
-// maxFramePages bounds the pages per memory frame (16 MiB before encoding),
-// keeping every frame far below the wire's frame limit.
-const maxFramePages = 4096
+// maxFramePages bounds the pages per memory frame (1 MiB before encoding).
+// Liveness on the link is judged per frame received, so no single frame
+// may take long to arrive: a 16 MiB frame of a pre-copy batch took over a
+// second on a loaded host and its receiver declared the link silent while
+// bytes were still flowing.
+const maxFramePages = 256
 
 // encode turns a snapshot into memory frames, updating the base.
 func (p *Primary) encode(s *memsync.Snapshot) ([][]byte, error) {

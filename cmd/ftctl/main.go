@@ -44,7 +44,7 @@ Run 'ftctl agent' on every KVM host; then 'ftctl start' a VM under it,
 		HideHelpCommand: true,
 		Commands: append([]*cli.Command{
 			versionCommand(),
-			agentCommand(),
+			agentCommand(), shimCommand(),
 			certCommand(),
 			vmCommand(),
 			demoCommand(),

@@ -27,4 +27,11 @@
 // primary holds each paired VM's lease and fences the VM when it cannot
 // renew it, and the secondary's arbiter asks the witness when the LAN probe
 // cannot decide.
+//
+// With Config.ShimCommand (ftctl agent --shims), each
+// VM this host runs as primary lives in a shim process of its own (shim.go)
+// that survives the agent: an agent restart, even kill -9, neither stops
+// the guest nor interrupts its protection, and the restarted agent finds
+// the shims again from the VM records on disk. Replicas still live in the
+// agent: its death loses them, and their primaries degrade and re-pair.
 package agent

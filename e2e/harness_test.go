@@ -256,6 +256,33 @@ func (p *agentProc) kill() {
 	<-p.exited
 }
 
+// killShim SIGKILLs the shim that runs the VM whose status is st (the
+// agent's death alone leaves it running, by design).
+func (p *agentProc) killShim(st agent.VMStatus) {
+	if st.ShimPID <= 0 {
+		return
+	}
+	syscall.Kill(st.ShimPID, syscall.SIGKILL)
+	for i := 0; i < 250 && processLives(st.ShimPID); i++ {
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// processLives says whether pid exists and is not a zombie.
+func processLives(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	i := bytes.LastIndexByte(b, ')')
+	return i < 0 || i+2 >= len(b) || b[i+2] != 'Z'
+}
+
+// shimLog is the log of the shim of VM name on p.
+func (p *agentProc) shimLog(name string) string {
+	return agent.ShimLog(filepath.Join(p.dir, "run"), name)
+}
+
 // terminate stops the agent with SIGTERM (what systemd does), SIGKILL after
 // a grace period.
 func (p *agentProc) terminate() {
@@ -304,6 +331,10 @@ func (c *cluster) shutdown() {
 		for _, p := range append([]*agentProc{c.a, c.b}, c.more...) {
 			if p != nil {
 				c.t.Logf("---- log of agent %s ----\n%s", p.name, readTail(p.log, 20000))
+				logs, _ := filepath.Glob(agent.ShimLog(filepath.Join(p.dir, "run"), "*"))
+				for _, l := range logs {
+					c.t.Logf("---- %s ----\n%s", l, readTail(l, 10000))
+				}
 			}
 		}
 	}

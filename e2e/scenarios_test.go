@@ -111,6 +111,7 @@ func TestPrimaryHostDies(t *testing.T) {
 		t.Fatal(err)
 	}
 	c.a.kill()
+	c.a.killShim(st)
 	if err := syscall.Kill(st.PID, syscall.SIGKILL); err != nil {
 		t.Fatalf("kill A's QEMU %d: %v", st.PID, err)
 	}

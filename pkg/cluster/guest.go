@@ -197,9 +197,9 @@ type Kill int
 
 // What a simulated failure kills.
 const (
-	KillBoth  Kill = iota // the agent and QEMU: the host died
+	KillBoth  Kill = iota // the agent, the VM's shim and QEMU: the host died
 	KillQEMU              // only QEMU: the VM's process crashed
-	KillAgent             // only the agent: QEMU loses its disk and NIC
+	KillAgent             // the agent and the VM's shim: QEMU loses its disk and NIC
 )
 
 func (k Kill) String() string {
@@ -244,6 +244,14 @@ func (v *VM) KillPrimary(ctx context.Context, k Kill, isolate bool, st agent.VMS
 	}
 	if k != KillQEMU {
 		p.Kill()
+		// The shim owns the VM's devices and replication; the agent
+		// alone can die without harm (its restart reattaches).
+		if st.ShimPID > 0 {
+			if err := syscall.Kill(st.ShimPID, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
+				return kd, fmt.Errorf("kill shim %d on %s: %w", st.ShimPID, p.Name, err)
+			}
+			waitGone(st.ShimPID, 5*time.Second)
+		}
 	}
 	if k != KillAgent && st.PID > 0 {
 		if err := syscall.Kill(st.PID, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {

@@ -753,7 +753,11 @@ func (g *guest) status() VMStatus {
 		if p.diskSync != nil {
 			dp := p.diskSync.Progress()
 			sp.DiskDone, sp.DiskTotal = dp.Done, dp.Total
-			sp.Rate += dp.Rate
+			// dp.Rate counts bytes scanned, holes included (gigabytes a
+			// second on a sparse disk); the user wants bytes copied.
+			if secs := dp.Elapsed.Seconds(); secs > 0 {
+				sp.Rate += float64(dp.Sent) / secs
+			}
 		}
 		s.Sync = sp
 	}

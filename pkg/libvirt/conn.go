@@ -371,28 +371,7 @@ func (c *Conn) QMPEvents(ctx context.Context, name string) (<-chan qmp.Event, er
 	if err != nil {
 		return nil, c.wrap(err, name)
 	}
-	out := make(chan qmp.Event)
-	go func() {
-		defer close(out)
-		for {
-			select {
-			case ev, ok := <-in:
-				if !ok {
-					return
-				}
-				select {
-				case out <- convertQMPEvent(ev):
-				case <-ctx.Done():
-					drain(in)
-					return
-				}
-			case <-ctx.Done():
-				drain(in)
-				return
-			}
-		}
-	}()
-	return out, nil
+	return pump(ctx, in, func(ev golibvirt.DomainEvent) (qmp.Event, bool) { return convertQMPEvent(ev), true }), nil
 }
 
 func convertQMPEvent(ev golibvirt.DomainEvent) qmp.Event {
@@ -423,31 +402,62 @@ func (c *Conn) Lifecycle(ctx context.Context, name string) (<-chan LifecycleEven
 	if err != nil {
 		return nil, c.wrap(err, name)
 	}
-	out := make(chan LifecycleEvent)
+	return pump(ctx, in, func(m golibvirt.DomainEventLifecycleMsg) (LifecycleEvent, bool) {
+		if name != "" && m.Dom.Name != name {
+			return LifecycleEvent{}, false
+		}
+		return LifecycleEvent{Domain: m.Dom.Name, Type: EventType(m.Event), Detail: m.Detail}, true
+	}), nil
+}
+
+// maxQueuedEvents bounds the events pump keeps for a slow reader.
+const maxQueuedEvents = 4096
+
+// pump forwards go-libvirt's events to a channel of ours and never blocks
+// on the reader: go-libvirt delivers events from the goroutine that also
+// reads every RPC reply, so one unread event channel stalls every later
+// call on the connection (a destroy hung for 13 minutes in CI that way).
+// Events wait in a queue instead; past maxQueuedEvents the oldest are
+// dropped. The channel closes when in ends or ctx does.
+func pump[T, U any](ctx context.Context, in <-chan T, conv func(T) (U, bool)) <-chan U {
+	out := make(chan U)
 	go func() {
 		defer close(out)
+		var queue []U
 		for {
+			var send chan U
+			var next U
+			if len(queue) > 0 {
+				send, next = out, queue[0]
+			}
 			select {
-			case m, ok := <-in:
+			case ev, ok := <-in:
 				if !ok {
+					// Deliver what is left while the reader still wants it.
+					for _, e := range queue {
+						select {
+						case out <- e:
+						case <-ctx.Done():
+							return
+						}
+					}
 					return
 				}
-				if name != "" && m.Dom.Name != name {
-					continue
+				if u, keep := conv(ev); keep {
+					if len(queue) >= maxQueuedEvents {
+						queue = queue[1:]
+					}
+					queue = append(queue, u)
 				}
-				select {
-				case out <- LifecycleEvent{Domain: m.Dom.Name, Type: EventType(m.Event), Detail: m.Detail}:
-				case <-ctx.Done():
-					drain(in)
-					return
-				}
+			case send <- next:
+				queue = queue[1:]
 			case <-ctx.Done():
 				drain(in)
 				return
 			}
 		}
 	}()
-	return out, nil
+	return out
 }
 
 // wrap maps go-libvirt errors onto this package's sentinels, keeping

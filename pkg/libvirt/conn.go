@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/url"
 	"strings"
+	"sync"
 	"time"
 
 	golibvirt "github.com/digitalocean/go-libvirt"
@@ -61,6 +62,40 @@ type Events interface {
 type Conn struct {
 	l   *golibvirt.Libvirt
 	uri string
+	raw *rawConn // the socket under go-libvirt, nil over SSH
+}
+
+// rawConn remembers the socket a dialer produced, so Close can cut it when
+// go-libvirt's own disconnect does not return.
+type rawConn struct {
+	mu sync.Mutex
+	c  net.Conn
+}
+
+func (r *rawConn) close() {
+	if r == nil {
+		return
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.c != nil {
+		r.c.Close()
+	}
+}
+
+type recordingDialer struct {
+	d   socket.Dialer
+	raw *rawConn
+}
+
+func (d recordingDialer) Dial() (net.Conn, error) {
+	c, err := d.d.Dial()
+	if err == nil {
+		d.raw.mu.Lock()
+		d.raw.c = c
+		d.raw.mu.Unlock()
+	}
+	return c, err
 }
 
 var (
@@ -108,8 +143,10 @@ func Dial(ctx context.Context, uri string) (*Conn, error) {
 		return nil, err
 	}
 	var l *golibvirt.Libvirt
+	var raw *rawConn
 	if dialer != nil {
-		l = golibvirt.NewWithDialer(dialer)
+		raw = &rawConn{}
+		l = golibvirt.NewWithDialer(recordingDialer{dialer, raw})
 		_, err = call(ctx, func() (struct{}, error) {
 			return struct{}{}, l.ConnectToURI(golibvirt.ConnectURI(remote))
 		})
@@ -123,7 +160,7 @@ func Dial(ctx context.Context, uri string) (*Conn, error) {
 		}
 		return nil, fmt.Errorf("%w: %s: %v", ErrConnect, describe(uri), err)
 	}
-	return &Conn{l: l, uri: uri}, nil
+	return &Conn{l: l, uri: uri, raw: raw}, nil
 }
 
 func describe(uri string) string {
@@ -202,12 +239,25 @@ func dialerFor(ctx context.Context, uri string) (socket.Dialer, string, error) {
 	return nil, remote, nil
 }
 
+// closeTimeout bounds a polite disconnect.
+const closeTimeout = 5 * time.Second
+
 // Close disconnects. Event channels close when their subscriptions end.
+// If libvirtd (or go-libvirt) does not answer the disconnect within
+// closeTimeout, the socket is cut so Close never hangs.
 func (c *Conn) Close() error {
-	if err := c.l.Disconnect(); err != nil {
-		return fmt.Errorf("%w: disconnect: %v", ErrConnect, err)
+	done := make(chan error, 1)
+	go func() { done <- c.l.Disconnect() }()
+	select {
+	case err := <-done:
+		if err != nil {
+			return fmt.Errorf("%w: disconnect: %v", ErrConnect, err)
+		}
+		return nil
+	case <-time.After(closeTimeout):
+		c.raw.close()
+		return fmt.Errorf("%w: disconnect got no answer in %v; connection cut", ErrConnect, closeTimeout)
 	}
-	return nil
 }
 
 // Disconnected is closed when the connection to libvirtd is lost.

@@ -19,6 +19,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ftctl/ftctl/internal/counterlog"
 	"github.com/ftctl/ftctl/internal/diskrec"
 	"github.com/ftctl/ftctl/internal/testenv"
 	"github.com/ftctl/ftctl/pkg/agent"
@@ -638,18 +639,6 @@ func (p *agentProc) waitReason(name, word string, wait time.Duration) agent.VMSt
 	}
 }
 
-var diskSeqRE = regexp.MustCompile(`ftguest disk seq=(\d+)`)
-
-// lastDiskSeq is the newest record the guest says it wrote and synced.
-func lastDiskSeq(serial []byte) uint64 {
-	m := diskSeqRE.FindAllSubmatch(serial, -1)
-	if len(m) == 0 {
-		return 0
-	}
-	v, _ := strconv.ParseUint(string(m[len(m)-1][1]), 10, 64)
-	return v
-}
-
 // stopAndVerifyDisk shuts the VM down on p with `ftctl stop` and checks the
 // disk it ran on: the guest's records form one unbroken chain that holds
 // every record the guest reported written. A replica disk that had a write
@@ -658,7 +647,7 @@ func lastDiskSeq(serial []byte) uint64 {
 func (p *agentProc) stopAndVerifyDisk(image string, replica bool) {
 	t := p.c.t
 	t.Helper()
-	p.waitSerial(vmName, replica, 30*time.Second, "disk records", func(b []byte) bool { return lastDiskSeq(b) > 0 })
+	p.waitSerial(vmName, replica, 30*time.Second, "disk records", func(b []byte) bool { return counterlog.LastDiskSeq(b) > 0 })
 	p.mustCLI("stop", vmName)
 	serial := p.serial(vmName, replica)
 	if bytes.Contains(serial, []byte("ftguest disk error")) {
@@ -677,7 +666,7 @@ func (p *agentProc) stopAndVerifyDisk(image string, replica bool) {
 	if err != nil {
 		t.Fatalf("disk of %s on %s (%s): %v (report %+v)", vmName, p.name, image, err, rep)
 	}
-	if want := lastDiskSeq(serial); rep.LastSeq < want {
+	if want := counterlog.LastDiskSeq(serial); rep.LastSeq < want {
 		t.Fatalf("disk on %s ends at record %d, but the guest had written %d", p.name, rep.LastSeq, want)
 	}
 	t.Logf("disk on %s: %d records, chain intact up to seq %d", p.name, rep.Records, rep.LastSeq)

@@ -7,8 +7,6 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
-	"regexp"
-	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -23,17 +21,6 @@ import (
 )
 
 var quiet = slog.New(slog.NewTextHandler(io.Discard, nil))
-
-var diskSeqRE = regexp.MustCompile(`ftguest disk seq=(\d+)`)
-
-func lastDiskSeq(b []byte) uint64 {
-	m := diskSeqRE.FindAllSubmatch(b, -1)
-	if len(m) == 0 {
-		return 0
-	}
-	v, _ := strconv.ParseUint(string(m[len(m)-1][1]), 10, 64)
-	return v
-}
 
 // yesArbiter stands in for the client-oriented probe where the test itself
 // knows the primary is dead (it killed it).
@@ -163,7 +150,7 @@ func TestPairFailoverFailback(t *testing.T) {
 	if _, err := A.c.Pair(ctx, "web", "127.0.0.1:1"); !errors.Is(err, agent.ErrPeer) {
 		t.Fatalf("pair with an unreachable host: %v", err)
 	}
-	A.waitSerial(t, ctx, "web", func(b []byte) bool { return lastDiskSeq(b) >= 2 })
+	A.waitSerial(t, ctx, "web", func(b []byte) bool { return counterlog.LastDiskSeq(b) >= 2 })
 	if _, err := A.c.Pair(ctx, "web", B.a.PeerAddr()); err != nil {
 		t.Fatal(err)
 	}

@@ -145,7 +145,7 @@ func TestAgentRestartKeepsShim(t *testing.T) {
 	if st.ShimPID == 0 || st.ShimPID == os.Getpid() {
 		t.Fatalf("VM runs in shim pid %d, want a process of its own", st.ShimPID)
 	}
-	waitSerialOf(t, ctx, a1, "web", func(b []byte) bool { return lastDiskSeq(b) >= 2 })
+	waitSerialOf(t, ctx, a1, "web", func(b []byte) bool { return counterlog.LastDiskSeq(b) >= 2 })
 	if _, err := c1.Pair(ctx, "web", B.a.PeerAddr()); err != nil {
 		t.Fatal(err)
 	}
@@ -164,7 +164,7 @@ func TestAgentRestartKeepsShim(t *testing.T) {
 		t.Fatalf("after the agent restart: QEMU %d shim %d, before QEMU %d shim %d", after.PID, after.ShimPID, before.PID, before.ShimPID)
 	}
 	serialAfter := waitSerialOf(t, ctx, a2, "web", func(b []byte) bool {
-		return counterlog.Last(b) >= counterlog.Last(serialBefore)+5 && lastDiskSeq(b) >= lastDiskSeq(serialBefore)+3
+		return counterlog.Last(b) >= counterlog.Last(serialBefore)+5 && counterlog.LastDiskSeq(b) >= counterlog.LastDiskSeq(serialBefore)+3
 	})
 	if _, err := counterlog.Check(counterlog.Values(serialAfter)); err != nil {
 		t.Fatalf("counter across the agent restart: %v", err)

@@ -504,7 +504,7 @@ func (a *Agent) Status(name string) ([]VMStatus, error) {
 
 // withRunState asks the VM's QEMU for its run state (briefly: a status
 // must not hang on a QEMU that stopped answering).
-func withRunState(s VMStatus, m *vm.Machine) VMStatus {
+func withRunState(s VMStatus, m machine) VMStatus {
 	if m == nil || s.PID == 0 {
 		return s
 	}

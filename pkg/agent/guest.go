@@ -29,7 +29,7 @@ type guest struct {
 	probe ProbeSpec
 	dir   string
 	dev   *devices
-	m     *vm.Machine
+	m     machine
 
 	mu     sync.Mutex
 	state  State

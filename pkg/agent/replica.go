@@ -39,7 +39,7 @@ type replicaVM struct {
 	img      *backend.File
 	replayer *replay.Replayer
 	dev      *devices
-	standby  *vm.Machine
+	standby  machine
 	sec      *lockstep.Secondary
 	conn     *watchedConn
 	health   *peerHealth
@@ -132,9 +132,11 @@ func (a *Agent) prepareReplica(ctx context.Context, m message) (r *replicaVM, er
 		return r, err
 	}
 	r.dev.passthrough(false) // the standby emits nothing until it is promoted
-	if r.standby, err = vm.Start(ctx, r.dev.spec, vm.Options{RunDir: filepath.Join(r.runDir, "qemu"), Standby: true, ReplicaRAM: r.ramPath, Logger: a.log}); err != nil {
+	sm, err := vm.Start(ctx, r.dev.spec, vm.Options{RunDir: filepath.Join(r.runDir, "qemu"), Standby: true, ReplicaRAM: r.ramPath, Logger: a.log})
+	if err != nil {
 		return r, fmt.Errorf("standby QEMU: %w", err)
 	}
+	r.standby = sm
 	r.sec, err = lockstep.OpenSecondary(ctx, lockstep.SecondaryConfig{
 		Replica: r.replica, Replayer: r.replayer, StateDir: filepath.Join(r.dir, "lockstep"),
 		Logger: a.log.With("vm", spec.Name), OnControl: r.onControl,

@@ -244,7 +244,9 @@ type preparePlan struct {
 	pciSlots map[string]bool // "bus:slot" in use, numbers in decimal
 	opts     Options
 	findings []Finding
-	memory   bool // memoryBacking must change
+	memory   bool // the ftmem backend must be added or resized
+	memSize  int  // MiB, from <memory>
+	memFile  string
 	disks    []diskPlan
 	nics     []nicPlan
 	addQMP   bool
@@ -294,7 +296,9 @@ func plan(domainXML string, opts Options) (*preparePlan, error) {
 		p.add(Warning, "domain", "architecture "+a, "ftctl is tested on x86_64 only", "")
 	}
 
-	p.checkMemory()
+	if err := p.checkMemory(prot); err != nil {
+		return nil, err
+	}
 	p.checkCPU()
 	p.checkDisks(prot)
 	p.checkNICs(prot)
@@ -364,54 +368,6 @@ func (p *preparePlan) checkPairing(prot Protection) {
 		p.add(Info, "pairing", "peer "+peer+", policy manual", "the hook leaves pairing to the user", "")
 	default:
 		p.add(Info, "pairing", "peer "+peer+", policy auto", "the hook pairs the domain when it starts and unpairs it when it stops", "")
-	}
-}
-
-func (p *preparePlan) checkMemory() {
-	const why = "the agent maps guest RAM from its file to find and copy dirty pages; QEMU must write it shared (memory-backend-file share=on)"
-	mb := p.dom.MemoryBacking
-	switch {
-	case mb == nil:
-		p.memory = true
-		p.add(Change, "memory", "no <memoryBacking>", why, "add <memoryBacking><source type='file'/><access mode='shared'/>")
-	default:
-		var bad []string
-		if mb.Source == nil || mb.Source.Type != "file" {
-			t := "none"
-			if mb.Source != nil {
-				t = mb.Source.Type
-			}
-			bad = append(bad, "source type "+t)
-		}
-		if mb.Access == nil || mb.Access.Mode != "shared" {
-			m := "private (default)"
-			if mb.Access != nil {
-				m = mb.Access.Mode
-			}
-			bad = append(bad, "access "+m)
-		}
-		if len(bad) > 0 {
-			p.memory = true
-			p.add(Change, "memory", strings.Join(bad, ", "), why, "set <source type='file'/> and <access mode='shared'/>")
-		} else {
-			p.add(Info, "memory", "file-backed, shared", "", "")
-		}
-		if mb.Hugepages != nil {
-			p.add(Warning, "memory", "hugepages",
-				"with hugepages the RAM file lives on hugetlbfs and shadow-compare dirty tracking reads whole huge pages", "")
-		}
-	}
-	if p.dom.CPU != nil {
-		for _, c := range p.dom.CPU.Cells {
-			if c.MemAccess == "private" {
-				p.memory = true
-				p.add(Change, "memory", "NUMA cell "+c.ID+" memAccess private", why, "set memAccess='shared'")
-			}
-		}
-		if len(p.dom.CPU.Cells) > 1 {
-			p.add(Warning, "memory", fmt.Sprintf("%d NUMA cells", len(p.dom.CPU.Cells)),
-				"each cell is a separate RAM file the agent must track", "")
-		}
 	}
 }
 

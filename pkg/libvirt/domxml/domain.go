@@ -25,12 +25,20 @@ type Domain struct {
 	Type          string         `xml:"type,attr"`
 	Name          string         `xml:"name"`
 	UUID          string         `xml:"uuid"`
+	Memory        *Memory        `xml:"memory"`
+	MaxMemory     *struct{}      `xml:"maxMemory"`
 	MemoryBacking *MemoryBacking `xml:"memoryBacking"`
 	OS            OS             `xml:"os"`
 	CPU           *CPU           `xml:"cpu"`
 	Devices       Devices        `xml:"devices"`
 	Commandline   *Commandline   `xml:"http://libvirt.org/schemas/domain/qemu/1.0 commandline"`
 	Metadata      *Metadata      `xml:"metadata"`
+}
+
+// Memory is <memory>: the guest's RAM at boot, libvirt's -m.
+type Memory struct {
+	Unit  string `xml:"unit,attr"`
+	Value string `xml:",chardata"`
 }
 
 // MemoryBacking is <memoryBacking>.
@@ -172,20 +180,39 @@ type Metadata struct {
 // guest's traffic where the original NIC was, and so the change can be
 // undone.
 type Protection struct {
+	// Role is "" for a domain prepared on its own host (a primary), or
+	// RoleStandby for the definition an agent made, with Standby, for the
+	// standby of a VM protected from another host: that agent owns its
+	// devices, and the hook leaves it alone.
+	Role string `xml:"role,attr,omitempty"`
 	// Peer is the peer agent (HOST:PORT) the hook pairs the domain with
 	// when it starts; "" leaves pairing to the user.
 	Peer string `xml:"peer,attr,omitempty"`
 	// Policy says what the hook does: PolicyAuto (pair on start, unpair
 	// on stop; the default when Peer is set) or PolicyManual (nothing).
-	Policy string          `xml:"policy,attr,omitempty"`
-	QMP    *ProtectedQMP   `xml:"https://github.com/ftctl/ftctl/xmlns/libvirt/1 qmp"`
-	Disks  []ProtectedDisk `xml:"https://github.com/ftctl/ftctl/xmlns/libvirt/1 disk"`
-	NICs   []ProtectedNIC  `xml:"https://github.com/ftctl/ftctl/xmlns/libvirt/1 nic"`
+	Policy string           `xml:"policy,attr,omitempty"`
+	QMP    *ProtectedQMP    `xml:"https://github.com/ftctl/ftctl/xmlns/libvirt/1 qmp"`
+	Memory *ProtectedMemory `xml:"https://github.com/ftctl/ftctl/xmlns/libvirt/1 memory"`
+	Disks  []ProtectedDisk  `xml:"https://github.com/ftctl/ftctl/xmlns/libvirt/1 disk"`
+	NICs   []ProtectedNIC   `xml:"https://github.com/ftctl/ftctl/xmlns/libvirt/1 nic"`
 }
 
 // ProtectedQMP records the dedicated QMP socket.
 type ProtectedQMP struct {
 	Socket string `xml:"socket,attr"`
+}
+
+// RoleStandby is Protection.Role of a standby's definition.
+const RoleStandby = "standby"
+
+// ProtectedMemory records the memory backend Prepare put guest RAM in:
+// a memory-backend-file of ftctl's choosing (libvirt has no element that
+// names its own backend's file), which the agent maps to track dirty
+// pages and which the standby's QEMU maps as the replica.
+type ProtectedMemory struct {
+	ID      string `xml:"id,attr"`       // QEMU object id: MemoryID
+	File    string `xml:"file,attr"`     // mem-path
+	SizeMiB int    `xml:"size-mib,attr"` // the backend's size, = Domain.MemoryMiB
 }
 
 // ProtectedDisk records one disk now served by the agent over NBD.

@@ -108,7 +108,7 @@ func TestCheckFindings(t *testing.T) {
 	}
 	cases := map[string][]want{
 		"plain.xml": {
-			{Change, "memory", "no <memoryBacking>"},
+			{Change, "memory", "guest RAM in libvirt's own memory backend"},
 			{Change, "disk vda", "file /var/lib/libvirt/images/web.img"},
 			{Change, "nic 52:54:00:6b:3c:58", "interface type network"},
 			{Change, "qmp", "no QMP socket"},
@@ -123,13 +123,15 @@ func TestCheckFindings(t *testing.T) {
 			{Info, "nic #1", "no MAC"},
 		},
 		"q35-memfd.xml": {
-			{Change, "memory", "source type memfd, access private"},
-			{Change, "memory", "NUMA cell 0 memAccess private"},
-			{Warning, "memory", "2 NUMA cells"},
+			{Blocker, "memory", "2 NUMA cell(s)"},
+			{Warning, "cpu", "host-passthrough"},
+		},
+		"q35.xml": {
+			{Change, "memory", "guest RAM in libvirt's own memory backend"},
 			{Warning, "cpu", "host-passthrough"},
 		},
 		"qcow2.xml": {
-			{Info, "memory", "file-backed, shared"},
+			{Change, "memory", "guest RAM in libvirt's own memory backend"},
 			{Blocker, "disk vda", "image format qcow2"},
 			{Blocker, "disk vdb", "network disk (rbd)"},
 			{Blocker, "device hostdev", "1 passed-through"},
@@ -146,7 +148,7 @@ func TestCheckFindings(t *testing.T) {
 				t.Errorf("%s: no [%s] %s: %q finding in:\n%s", name, w.sev, w.area, w.problem, list(fs))
 			}
 		}
-		if name != "qcow2.xml" && len(Blockers(fs)) > 0 {
+		if name != "qcow2.xml" && name != "q35-memfd.xml" && len(Blockers(fs)) > 0 {
 			t.Errorf("%s: unexpected blockers:\n%s", name, list(Blockers(fs)))
 		}
 	}
@@ -177,7 +179,7 @@ func TestPrepareRefusesBlockers(t *testing.T) {
 var tagRE = regexp.MustCompile(`<[A-Za-z!][^>]*>`)
 
 func TestPrepareEachSample(t *testing.T) {
-	for _, name := range []string{"plain.xml", "multi.xml", "q35-memfd.xml"} {
+	for _, name := range []string{"plain.xml", "multi.xml", "q35.xml"} {
 		for _, mode := range []NICMode{NICStream, NICClient} {
 			t.Run(name+"/"+string(mode), func(t *testing.T) {
 				in := readSample(t, name)
@@ -229,20 +231,28 @@ func checkPrepared(t *testing.T, in, out string, opts Options) {
 	if err != nil {
 		t.Fatalf("prepared XML does not parse: %v\n%s", err, out)
 	}
-	if mb := d.MemoryBacking; mb == nil || mb.Source == nil || mb.Source.Type != "file" || mb.Access == nil || mb.Access.Mode != "shared" {
-		t.Errorf("memoryBacking not file+shared: %+v", mb)
-	}
-	if d.CPU != nil {
-		for _, c := range d.CPU.Cells {
-			if c.MemAccess == "private" {
-				t.Errorf("NUMA cell %s still private", c.ID)
-			}
-		}
-	}
 	if d.Metadata == nil || d.Metadata.Protection == nil {
 		t.Fatalf("no ftctl metadata in:\n%s", out)
 	}
 	prot := d.Metadata.Protection
+	// Guest RAM: the ftmem backend, sized like <memory>, in the socket
+	// directory, recorded; libvirt's own <memoryBacking> as it was.
+	size, err := before.MemoryMiB()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ram := opts.SocketDir + "/guest.ram"
+	if m := prot.Memory; m == nil || m.ID != "ftmem" || m.File != ram || m.SizeMiB != size {
+		t.Errorf("memory record %+v, want ftmem %s %d MiB", m, ram, size)
+	}
+	obj := fmt.Sprintf("memory-backend-file,id=ftmem,size=%dM,mem-path=%s,share=on", size, ram)
+	if !hasArgPair(d, "-object", obj) || !hasArgPair(d, "-machine", "memory-backend=ftmem") {
+		t.Errorf("no -object %s / -machine memory-backend=ftmem in %+v", obj, d.Commandline)
+	}
+	mbRE := regexp.MustCompile(`(?s)<memoryBacking.*?</memoryBacking>`)
+	if a, b := mbRE.FindString(in), mbRE.FindString(out); a != b {
+		t.Errorf("memoryBacking changed: %q -> %q", a, b)
+	}
 	if prot.QMP == nil || prot.QMP.Socket != opts.SocketDir+"/qmp.sock" {
 		t.Errorf("QMP record %+v", prot.QMP)
 	}
@@ -321,7 +331,7 @@ func checkPrepared(t *testing.T, in, out string, opts Options) {
 
 	// What Prepare does not own survives verbatim: every start tag and
 	// comment of the original outside the replaced devices.
-	replaced := regexp.MustCompile(`^<(disk type=.(file|block). device=.disk.|source|/?backingStore|driver|interface|mac|model|boot|bandwidth|inbound|address|target dev='vnet|alias name='net|memoryBacking|access|cell|domain|\?xml|metadata)`)
+	replaced := regexp.MustCompile(`^<(disk type=.(file|block). device=.disk.|source|/?backingStore|driver|interface|mac|model|boot|bandwidth|inbound|address|target dev='vnet|alias name='net|domain|\?xml|metadata)`)
 	for _, tag := range tagRE.FindAllString(in, -1) {
 		if replaced.MatchString(tag) {
 			continue
@@ -358,7 +368,7 @@ func TestPrepareStreamNICKeepsPCIAddressAndBoot(t *testing.T) {
 		t.Errorf("second NIC placement:\n%s", out)
 	}
 	// q35: a NIC behind root port 1 stays there.
-	out, _, err = Prepare(readSample(t, "q35-memfd.xml"), Options{})
+	out, _, err = Prepare(readSample(t, "q35.xml"), Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -417,9 +427,9 @@ func TestMissingMetadataAndDevicesOrder(t *testing.T) {
 	}
 	want := []string{
 		"  <name>tiny</name>\n  <metadata>\n    <ftctl:protection xmlns:ftctl='" + Namespace + "'>\n",
-		"  <memory unit='MiB'>64</memory>\n  <memoryBacking>\n    <source type='file'/>\n    <access mode='shared'/>\n  </memoryBacking>\n",
+		"      <ftctl:memory id='ftmem' file='/s/guest.ram' size-mib='64'/>\n",
 		"    <disk type='network' device='disk'>\n      <driver name='qemu' type='raw'/>\n      <source protocol='nbd' name='disk'>\n        <host transport='unix' socket='/s/nbd0.sock'/>\n      </source>\n      <target dev='vda' bus='virtio'/>\n",
-		"  </devices>\n  <qemu:commandline>\n    <qemu:arg value='-chardev'/>\n",
+		"  </devices>\n  <qemu:commandline>\n    <qemu:arg value='-object'/>\n    <qemu:arg value='memory-backend-file,id=ftmem,size=64M,mem-path=/s/guest.ram,share=on'/>\n    <qemu:arg value='-machine'/>\n    <qemu:arg value='memory-backend=ftmem'/>\n    <qemu:arg value='-chardev'/>\n",
 	}
 	for _, w := range want {
 		if !strings.Contains(out, w) {
@@ -508,4 +518,19 @@ func applyUnified(t *testing.T, a, diff string) string {
 		s += "\n"
 	}
 	return s
+}
+
+// hasArgPair reports whether the domain's qemu:commandline has flag
+// immediately followed by value.
+func hasArgPair(d *Domain, flag, value string) bool {
+	if d.Commandline == nil {
+		return false
+	}
+	a := d.Commandline.Args
+	for i := 0; i+1 < len(a); i++ {
+		if a[i].Value == flag && a[i+1].Value == value {
+			return true
+		}
+	}
+	return false
 }

@@ -3,6 +3,7 @@ package domxml
 import (
 	"fmt"
 	"path/filepath"
+	"strconv"
 	"strings"
 )
 
@@ -12,7 +13,8 @@ const qmpChardev = "ftqmp"
 // Prepare returns the domain XML changed for protection, and a unified
 // diff of the change ("" when the domain is already prepared: Prepare is
 // idempotent). It uses libvirt's own elements where they exist and
-// <qemu:commandline> only for the NIC stream and the QMP socket, records
+// <qemu:commandline> only for what libvirt has no element for (guest RAM
+// in a file of ftctl's choosing, the NIC stream, the QMP socket), records
 // every replaced device in ftctl's <metadata>, and leaves every element,
 // attribute, comment and byte it does not change as it was. A domain with
 // Blocker findings is refused with an error wrapping ErrUnsupported.
@@ -33,7 +35,15 @@ func Prepare(domainXML string, opts Options) (newXML, diff string, err error) {
 	var recs []*Node
 
 	if p.memory {
-		p.fixMemory(root)
+		args = append(args, p.fixMemory(root)...)
+		if prot, _ := findProtection(root); prot != nil && prot.First(protPrefix(prot)+":memory") != nil {
+			rec := prot.First(protPrefix(prot) + ":memory")
+			rec.SetAttr("id", MemoryID)
+			rec.SetAttr("file", p.memFile)
+			rec.SetAttr("size-mib", strconv.Itoa(p.memSize))
+		} else {
+			recs = append(recs, NewElement(Prefix+":memory", "id", MemoryID, "file", p.memFile, "size-mib", strconv.Itoa(p.memSize)))
+		}
 	}
 	devices := root.First("devices")
 	if len(p.disks) > 0 {
@@ -132,33 +142,6 @@ func insertAfter(n, c *Node, own string, after ...string) {
 		}
 	}
 	n.Append(c, own)
-}
-
-func (p *preparePlan) fixMemory(root *Node) {
-	const rootInd = "\n"
-	mb := root.First("memoryBacking")
-	if mb == nil {
-		mb = NewElement("memoryBacking")
-		insertAfter(root, mb, rootInd, "currentMemory", "memory")
-	}
-	own := indentOf(root, mb, rootInd)
-	if src := mb.First("source"); src != nil {
-		src.SetAttr("type", "file")
-	} else {
-		mb.Append(NewElement("source", "type", "file"), own)
-	}
-	if acc := mb.First("access"); acc != nil {
-		acc.SetAttr("mode", "shared")
-	} else {
-		mb.Append(NewElement("access", "mode", "shared"), own)
-	}
-	if cpu := root.First("cpu"); cpu != nil {
-		for _, cell := range cpu.First("numa").allOrNil("cell") {
-			if cell.A("memAccess") == "private" {
-				cell.SetAttr("memAccess", "shared")
-			}
-		}
-	}
 }
 
 func (n *Node) allOrNil(name string) []*Node {
@@ -270,16 +253,11 @@ func (p *preparePlan) addMetadata(root *Node, recs []*Node) *Node {
 		insertAfter(root, md, rootInd, "description", "title", "genid", "uuid", "name")
 	}
 	mdInd := indentOf(root, md, rootInd)
-	var prot *Node
+	prot, _ := findProtection(root)
 	prefix := Prefix
-	for _, c := range md.Elements() {
-		pfx, local, ok := strings.Cut(c.Name, ":")
-		if ok && local == "protection" && c.A("xmlns:"+pfx) == Namespace {
-			prot, prefix = c, pfx
-			break
-		}
-	}
-	if prot == nil {
+	if prot != nil {
+		prefix = protPrefix(prot)
+	} else {
 		prot = NewElement(Prefix+":protection", "xmlns:"+Prefix, Namespace)
 		md.Append(prot, mdInd)
 	}
@@ -304,16 +282,50 @@ func renamePrefix(n *Node, from, to string) {
 	}
 }
 
-// addCommandline appends arguments to <qemu:commandline>, declaring the
-// namespace on the root when needed.
-func addCommandline(root *Node, args []string) {
-	prefix := ""
+// findProtection returns ftctl's element in <metadata> and <metadata>,
+// either nil when absent. ftctl's element is recognised by its namespace,
+// whatever prefix it is bound to.
+func findProtection(root *Node) (prot, md *Node) {
+	md = root.First("metadata")
+	if md == nil {
+		return nil, nil
+	}
+	for _, c := range md.Elements() {
+		pfx, local, ok := strings.Cut(c.Name, ":")
+		if ok && local == "protection" && c.A("xmlns:"+pfx) == Namespace {
+			return c, md
+		}
+	}
+	return nil, md
+}
+
+// protPrefix is the prefix ftctl's element is written with.
+func protPrefix(prot *Node) string {
+	pfx, _, _ := strings.Cut(prot.Name, ":")
+	return pfx
+}
+
+// commandline returns the prefix bound to libvirt's QEMU namespace ("" if
+// none) and the <qemu:commandline> element (nil if none).
+func commandline(root *Node) (prefix string, cl *Node) {
 	for _, a := range root.Attrs {
-		if a.Name.Space == "xmlns" && a.Value == QEMUNamespace {
+		// A prefix that is not an XML name cannot start an element name
+		// (encoding/xml accepts the declaration all the same).
+		if a.Name.Space == "xmlns" && a.Value == QEMUNamespace && xmlName(a.Name.Local) {
 			prefix = a.Name.Local
 			break
 		}
 	}
+	if prefix == "" {
+		return "", nil
+	}
+	return prefix, root.First(prefix + ":commandline")
+}
+
+// addCommandline appends arguments to <qemu:commandline>, declaring the
+// namespace on the root when needed.
+func addCommandline(root *Node, args []string) {
+	prefix, _ := commandline(root)
 	if prefix == "" {
 		prefix = "qemu"
 		if _, taken := root.Attr("xmlns:qemu"); taken {
@@ -330,4 +342,19 @@ func addCommandline(root *Node, args []string) {
 	for _, a := range args {
 		cl.Append(NewElement(prefix+":arg", "value", a), own)
 	}
+}
+
+// xmlName reports whether s is usable as a namespace prefix: a letter or
+// underscore, then letters, digits, '_', '-' or '.' (ASCII only, which
+// covers every prefix libvirt and ftctl write).
+func xmlName(s string) bool {
+	for i, r := range s {
+		switch {
+		case r == '_' || r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z':
+		case i > 0 && (r == '-' || r == '.' || r >= '0' && r <= '9'):
+		default:
+			return false
+		}
+	}
+	return s != ""
 }

@@ -130,6 +130,7 @@ func agentFlags() []cli.Flag {
 		&cli.StringFlag{Name: "witness", Usage: "`HOST:PORT` of an ftctl witness: primaries hold each paired VM's lease there (and fence the VM when they cannot), secondaries ask it when the LAN probe cannot decide"},
 		&cli.StringFlag{Name: "witness-key-file", Usage: "key `FILE` shared with the witness (ftctl cert psk)"},
 		&cli.DurationFlag{Name: "witness-wait", Value: agent.DefaultWitnessWait, Usage: "how long a secondary keeps asking the witness while the primary holds the lease"},
+		&cli.StringFlag{Name: "libvirt", Usage: "this host's libvirtd (`URI` or socket path, as for ftctl libvirt --connect): standbys of peers' libvirt domains become libvirt domains here"},
 		&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error"},
 		&cli.BoolFlag{Name: "shims", Usage: "run each VM in a process of its own (ftctl shim) that outlives an agent restart; RUN-DIR/vms/VM.shim.log is its log (not yet the default: the e2e suite has not passed with it)"},
 	}
@@ -142,7 +143,7 @@ func agentConfig(cmd *cli.Command) (agent.Config, error) {
 	}
 	cfg := agent.Config{
 		Name: cmd.String("name"), StateDir: cmd.String("state-dir"), RunDir: cmd.String("run-dir"),
-		RAMDir: cmd.String("ram-dir"), ControlSocket: cmd.String("socket"), PeerAddr: cmd.String("listen"),
+		RAMDir: cmd.String("ram-dir"), ControlSocket: cmd.String("socket"), PeerAddr: cmd.String("listen"), Libvirt: cmd.String("libvirt"),
 		Bridge: cmd.String("bridge"), PeerTimeout: cmd.Duration("peer-timeout"), QMPTimeout: cmd.Duration("qmp-timeout"),
 		NoRepair: !cmd.Bool("auto-repair"), RepairMax: cmd.Duration("repair-max"),
 		Policy: lockstep.Policy{Mode: lockstep.Mode(cmd.String("policy")), MinInterval: cmd.Duration("min-interval"),

@@ -31,6 +31,8 @@ type Agent struct {
 	shims map[string]*shimProc
 	// shimOf is the VM this agent serves when it is itself a shim.
 	shimOf string
+	// lv: libvirt domains (libvirt.go).
+	lv     libvirtState
 	peerLn *wire.Listener
 	hbSrv  *failover.HeartbeatServer
 	ctl    net.Listener
@@ -330,7 +332,7 @@ func (a *Agent) adoptPromoted(r *replicaVM) {
 		r.img.Close()
 	}
 	r.replica.Close()
-	g := &guest{a: a, name: r.name, spec: r.spec, probe: r.probe, dir: r.runDir, dev: r.dev, m: r.standby,
+	g := &guest{a: a, name: r.name, spec: r.spec, probe: r.probe, dir: r.runDir, dev: r.dev, m: r.standby, domain: r.promotedXML,
 		state: StatePromoted, reason: r.reason, since: time.Now(), extra: []string{r.ramPath}}
 	a.mu.Lock()
 	if a.replicas[r.name] == r {
@@ -550,6 +552,7 @@ func (a *Agent) Close() error {
 	for _, r := range rs {
 		a.dropReplica(r)
 	}
+	a.closeLibvirt()
 	return nil
 }
 

@@ -160,6 +160,7 @@ func (a *Agent) routes() http.Handler {
 		w.Header().Set("Content-Type", "application/octet-stream")
 		w.Write(b)
 	})
+	a.libvirtRoutes(mux)
 	mux.HandleFunc("DELETE /v1/vms/{name}", func(w http.ResponseWriter, r *http.Request) {
 		if err := a.StopVM(r.Context(), r.PathValue("name")); err != nil {
 			writeErr(w, err)

@@ -72,6 +72,12 @@ type Config struct {
 	// still work): safe, but no automatic failover.
 	Arbiter Arbiter
 
+	// Libvirt, if set, is the libvirtd this agent defines standby domains
+	// on (a URI or a socket path, as for `ftctl libvirt --connect`), so it
+	// can protect libvirt domains of its peers; on a primary it lets the
+	// agent stop libvirt domains through libvirt. Empty: no libvirt.
+	Libvirt string
+
 	// ShimCommand, if set, is the command (argv) that starts a VM's shim;
 	// the agent appends "--vm NAME". Each VM this host runs as primary
 	// then lives in its own shim process and survives an agent restart

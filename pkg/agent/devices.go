@@ -51,13 +51,47 @@ func tapName(agent, vmName string, i int) string {
 }
 
 // openDevices serves images (one per disk of spec) and creates the NICs'
-// buffers and taps. NICs start in passthrough: nothing is protected yet.
+// buffers and taps, their sockets in dir. NICs start in passthrough:
+// nothing is protected yet.
 func (a *Agent) openDevices(name string, spec vm.Spec, dir string, images []string) (d *devices, err error) {
+	return a.openDevicesAt(name, spec, dir, images, nil)
+}
+
+// deviceSockets names each device's socket explicitly (a libvirt domain's
+// metadata says where its QEMU looks), instead of dir/nbdN.sock and
+// dir/nicN.sock.
+type deviceSockets struct {
+	disks  []string
+	export string // NBD export name; "" is "disk"
+	nics   []string
+}
+
+// openDevicesAt is openDevices with the sockets at (nil: in dir).
+func (a *Agent) openDevicesAt(name string, spec vm.Spec, dir string, images []string, at *deviceSockets) (d *devices, err error) {
 	if len(images) != len(spec.Disks) {
 		return nil, fmt.Errorf("%w: %d images for %d disks", ErrBadRequest, len(images), len(spec.Disks))
 	}
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, err
+	if at != nil && (len(at.disks) != len(images) || len(at.nics) != len(spec.NICs)) {
+		return nil, fmt.Errorf("%w: %d disk and %d NIC sockets for %d disks and %d NICs", ErrBadRequest, len(at.disks), len(at.nics), len(images), len(spec.NICs))
+	}
+	if at == nil {
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return nil, err
+		}
+	}
+	sockAt := func(kind string, i int, named []string) (string, error) {
+		if at == nil {
+			return filepath.Join(dir, fmt.Sprintf("%s%d.sock", kind, i)), nil
+		}
+		p := named[i]
+		if !filepath.IsAbs(p) {
+			return "", fmt.Errorf("%w: %s %d: socket path %q is not absolute", ErrBadRequest, kind, i, p)
+		}
+		return p, os.MkdirAll(filepath.Dir(p), 0o700)
+	}
+	export := "disk"
+	if at != nil && at.export != "" {
+		export = at.export
 	}
 	d = &devices{spec: spec}
 	defer func() {
@@ -68,11 +102,14 @@ func (a *Agent) openDevices(name string, spec vm.Spec, dir string, images []stri
 	d.spec.Disks = nil
 	for i, img := range images {
 		sink := &switchSink{}
-		ex, err := blockreplay.OpenExport(blockreplay.ExportConfig{Path: img, Name: "disk", Sink: sink})
+		sock, err := sockAt("nbd", i, at.diskList())
 		if err != nil {
 			return d, fmt.Errorf("disk %d: %w", i, err)
 		}
-		sock := filepath.Join(dir, fmt.Sprintf("nbd%d.sock", i))
+		ex, err := blockreplay.OpenExport(blockreplay.ExportConfig{Path: img, Name: export, Sink: sink})
+		if err != nil {
+			return d, fmt.Errorf("disk %d: %w", i, err)
+		}
 		os.Remove(sock)
 		ln, err := net.Listen("unix", sock)
 		if err != nil {
@@ -88,7 +125,7 @@ func (a *Agent) openDevices(name string, spec vm.Spec, dir string, images []stri
 			}
 		}()
 		d.disks = append(d.disks, de)
-		d.spec.Disks = append(d.spec.Disks, vm.Disk{NBD: &vm.NBD{Socket: sock, Export: "disk"}, ReadOnly: spec.Disks[i].ReadOnly})
+		d.spec.Disks = append(d.spec.Disks, vm.Disk{NBD: &vm.NBD{Socket: sock, Export: export}, ReadOnly: spec.Disks[i].ReadOnly})
 	}
 	d.spec.NICs = nil
 	for i, n := range spec.NICs {
@@ -103,7 +140,11 @@ func (a *Agent) openDevices(name string, spec vm.Spec, dir string, images []stri
 				return d, fmt.Errorf("nic %d: %w", i, err)
 			}
 		}
-		sock := filepath.Join(dir, fmt.Sprintf("nic%d.sock", i))
+		sock, err := sockAt("nic", i, at.nicList())
+		if err != nil {
+			tap.Close()
+			return d, fmt.Errorf("nic %d: %w", i, err)
+		}
 		os.Remove(sock)
 		buf, err := netbuf.New(sock, tap, netbuf.Options{Logger: a.log.With("vm", name, "nic", i)})
 		if err != nil {
@@ -124,6 +165,20 @@ func (a *Agent) openDevices(name string, spec vm.Spec, dir string, images []stri
 		d.spec.NICs = append(d.spec.NICs, n)
 	}
 	return d, nil
+}
+
+func (s *deviceSockets) diskList() []string {
+	if s == nil {
+		return nil
+	}
+	return s.disks
+}
+
+func (s *deviceSockets) nicList() []string {
+	if s == nil {
+		return nil
+	}
+	return s.nics
 }
 
 func joinBridge(link, bridge string) error {

@@ -30,6 +30,10 @@ type guest struct {
 	dir   string
 	dev   *devices
 	m     machine
+	// domain is the prepared libvirt domain XML of a VM libvirt runs (""
+	// for a VM the agent started); it goes to the secondary in the
+	// protect request.
+	domain string
 
 	mu     sync.Mutex
 	state  State
@@ -75,6 +79,7 @@ type protection struct {
 	vmLost   bool // ended because the VM died here
 	lostOnce sync.Once
 	auto     bool // made by the automatic re-pairing, not (yet) by the user
+	endOnce  sync.Once
 }
 
 func (g *guest) setState(s State, reason string) {
@@ -231,7 +236,10 @@ func (g *guest) qemuExited() {
 	// The VM is gone here: its lease is free for the secondary, which
 	// must have it before it is told to take over.
 	g.stopGuard(false)
-	if p != nil {
+	if p != nil && g.cleanExit() {
+		// Shut down in order (libvirt domain): nothing to take over.
+		g.endCleanly(p)
+	} else if p != nil {
 		g.releaseLease()
 		g.vmLost(p, reason)
 	}
@@ -346,7 +354,7 @@ func (g *guest) pairLocked(ctx context.Context, peer string, auto bool) error {
 	// log's position there; the initial sync then copies the whole disk.
 	c := g.m.QMP()
 	events := eventlog.NewPipe(64 << 20)
-	msg := message{Op: opProtect, VM: g.name, Spec: &g.spec, Probe: g.probe, From: g.a.cfg.Name, Mgmt: g.a.MgmtAddr()}
+	msg := message{Op: opProtect, VM: g.name, Spec: &g.spec, Probe: g.probe, From: g.a.cfg.Name, Mgmt: g.a.MgmtAddr(), Domain: g.domain}
 	if err := c.Stop(ctx); err != nil {
 		return fail(err)
 	}
@@ -458,7 +466,9 @@ func (g *guest) runProtection(ctx context.Context, p *protection) {
 	}()
 	err := p.prim.Run(ctx)
 	p.err = err
-	if g.qemuDying(err) {
+	if g.qemuDying(err) && g.cleanExit() {
+		g.endCleanly(p)
+	} else if g.qemuDying(err) {
 		// Not a lost secondary but a lost VM: watch reports it (and
 		// stopProtection waits for done).
 		g.mu.Lock()

@@ -49,6 +49,10 @@ const (
 	// the replication link, or as the first message of a new one when the
 	// link is gone already.
 	opVMLost = "vm-lost"
+	// opUnpair: primary → secondary: the VM was shut down in order (a
+	// libvirt domain stopped by its guest or by libvirt); drop the replica
+	// instead of taking over.
+	opUnpair = "unpair"
 )
 
 type message struct {
@@ -66,6 +70,10 @@ type message struct {
 	From     string `json:"from,omitempty"`
 	// Mgmt is the sender's management heartbeat address (protect, ready).
 	Mgmt string `json:"mgmt,omitempty"`
+	// Domain is the prepared libvirt domain XML of a VM that runs under
+	// libvirt (protect): the secondary makes its standby a libvirt domain
+	// from it.
+	Domain string `json:"domain,omitempty"`
 }
 
 func sendMsg(ctx context.Context, c wire.Conn, m message) error {

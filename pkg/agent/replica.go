@@ -40,9 +40,12 @@ type replicaVM struct {
 	replayer *replay.Replayer
 	dev      *devices
 	standby  machine
-	sec      *lockstep.Secondary
-	conn     *watchedConn
-	health   *peerHealth
+	// standbyXML is the libvirt definition of a standby domain (a
+	// libvirt VM's replica); promotedXML replaces it after promotion.
+	standbyXML, promotedXML string
+	sec                     *lockstep.Secondary
+	conn                    *watchedConn
+	health                  *peerHealth
 
 	mu      sync.Mutex
 	state   State
@@ -74,6 +77,9 @@ func (a *Agent) prepareReplica(ctx context.Context, m message) (r *replicaVM, er
 	}
 	if len(m.Disks) != len(spec.Disks) {
 		return nil, fmt.Errorf("%w: %d disk sizes for %d disks", ErrBadRequest, len(m.Disks), len(spec.Disks))
+	}
+	if m.Domain != "" && a.cfg.Libvirt == "" {
+		return nil, fmt.Errorf("%w: %s is a libvirt domain, and its standby must be one too: start the agent with --libvirt", ErrState, m.VM)
 	}
 	r = &replicaVM{a: a, name: spec.Name, spec: spec, probe: m.Probe, peer: m.From, done: make(chan struct{}),
 		dir:     filepath.Join(a.cfg.StateDir, "replicas", spec.Name),
@@ -132,11 +138,19 @@ func (a *Agent) prepareReplica(ctx context.Context, m message) (r *replicaVM, er
 		return r, err
 	}
 	r.dev.passthrough(false) // the standby emits nothing until it is promoted
-	sm, err := vm.Start(ctx, r.dev.spec, vm.Options{RunDir: filepath.Join(r.runDir, "qemu"), Standby: true, ReplicaRAM: r.ramPath, Logger: a.log})
-	if err != nil {
-		return r, fmt.Errorf("standby QEMU: %w", err)
+	if m.Domain != "" {
+		lm, err := a.startStandbyDomain(ctx, r, m.Domain)
+		if err != nil {
+			return r, err
+		}
+		r.standby = lm
+	} else {
+		sm, err := vm.Start(ctx, r.dev.spec, vm.Options{RunDir: filepath.Join(r.runDir, "qemu"), Standby: true, ReplicaRAM: r.ramPath, Logger: a.log})
+		if err != nil {
+			return r, fmt.Errorf("standby QEMU: %w", err)
+		}
+		r.standby = sm
 	}
-	r.standby = sm
 	r.sec, err = lockstep.OpenSecondary(ctx, lockstep.SecondaryConfig{
 		Replica: r.replica, Replayer: r.replayer, StateDir: filepath.Join(r.dir, "lockstep"),
 		Logger: a.log.With("vm", spec.Name), OnControl: r.onControl,
@@ -155,6 +169,9 @@ func (r *replicaVM) onControl(ctx context.Context, payload []byte) error {
 	if m.Op == opVMLost {
 		r.noteVMLost(m.Error)
 		return errVMLost
+	}
+	if m.Op == opUnpair {
+		return errUnpaired
 	}
 	if m.Op != opHandover {
 		return fmt.Errorf("%w: unexpected %q during replication", ErrPeer, m.Op)
@@ -205,6 +222,14 @@ func (r *replicaVM) run(ctx context.Context) {
 		}
 		sendMsg(ctx, r.conn, reply)
 		r.conn.Close()
+		return
+	}
+	if errors.Is(err, errUnpaired) {
+		// The VM was shut down in order on its primary: nothing to take
+		// over; the replica goes (dropReplica waits for this run to end).
+		r.conn.Close()
+		r.a.log.Info("primary's VM shut down; dropping the replica", "vm", r.name, "peer", r.peer)
+		go r.a.dropReplica(r)
 		return
 	}
 	ended := time.Now()
@@ -281,7 +306,8 @@ func (r *replicaVM) promoteNow(ctx context.Context, why string) (uint64, error) 
 	r.mu.Lock()
 	r.promote = d
 	r.mu.Unlock()
-	r.setState(StatePromoted, fmt.Sprintf("%s; resumed epoch %d in %v", why, e, d.Round(time.Microsecond)))
+	lv := r.libvirtPromoted(ctx, t0)
+	r.setState(StatePromoted, fmt.Sprintf("%s; resumed epoch %d in %v%s", why, e, d.Round(time.Microsecond), lv))
 	r.a.adoptPromoted(r)
 	return e, nil
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"time"
 
@@ -139,22 +140,28 @@ so prepare refuses a running domain unless --next-start says that is fine.`,
 			{
 				Name:  "install-hook",
 				Usage: "install `ftctl hook` as libvirt's qemu hook (DIR/qemu)",
-				Description: `The hook pairs domains whose ftctl metadata names a peer when libvirt
-starts them, and unpairs them when they stop. An existing hook that ftctl
-did not install is never replaced. libvirtd finds hook scripts when it
-starts: restart it after the first install.`,
+				Description: `The hook tells the local agent about each prepared domain's start and
+stop: before QEMU starts, the agent opens the domain's sockets (the start
+fails with the hook's message when the agent does not answer); once it
+runs, the agent takes it over and, with policy auto, pairs it with the
+peer its ftctl metadata names; when it stops, the agent unpairs it (a
+clean stop) or lets the peer take over (a crash). An existing hook that
+ftctl did not install is never replaced. libvirtd finds hook scripts when
+it starts: restart it after the first install.`,
 				Flags: []cli.Flag{
 					&cli.StringFlag{Name: "dir", Value: hook.DefaultDir, Usage: "libvirt's hooks directory"},
 					socketFlag(),
 					&cli.StringFlag{Name: "log", Value: hook.DefaultLog, Usage: "the hook's log file"},
-					&cli.DurationFlag{Name: "timeout", Value: hook.DefaultTimeout, Usage: "bound on each agent call the hook makes"},
+					&cli.DurationFlag{Name: "timeout", Value: hook.DefaultTimeout, Usage: "bound on the hook worker's agent calls (adopt, stopped)"},
+					&cli.DurationFlag{Name: "prepare-timeout", Value: hook.DefaultPrepareTimeout, Usage: "bound on the prepare call a domain's start waits for"},
 				},
 				Action: func(ctx context.Context, cmd *cli.Command) error {
 					exe, err := os.Executable()
 					if err != nil {
 						return err
 					}
-					h := hook.Hook{Exe: exe, AgentSocket: cmd.String("socket"), Log: cmd.String("log"), Timeout: cmd.Duration("timeout")}
+					h := hook.Hook{Exe: exe, AgentSocket: cmd.String("socket"), Log: cmd.String("log"),
+						Timeout: cmd.Duration("timeout"), PrepareTimeout: cmd.Duration("prepare-timeout")}
 					script, err := h.Script()
 					if err != nil {
 						return err
@@ -180,8 +187,10 @@ starts: restart it after the first install.`,
 }
 
 // hookCommand is `ftctl hook`, run by libvirt as /etc/libvirt/hooks/qemu.
-// It always exits 0: a failing qemu hook makes libvirt abort the domain's
-// start, and protection must never cost the VM its start.
+// It exits non-zero only when the agent did not prepare an ftctl domain
+// about to start (QEMU could not connect to its sockets anyway), with a
+// one-line message libvirt shows as the reason; everything else exits 0,
+// because a failing qemu hook makes libvirt abort the domain's start.
 func hookCommand() *cli.Command {
 	return &cli.Command{
 		Name:      "hook",
@@ -191,19 +200,28 @@ func hookCommand() *cli.Command {
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "agent", Value: defaultSocket, Usage: "control socket of the local agent"},
 			&cli.StringFlag{Name: "log", Value: hook.DefaultLog, Usage: "log file"},
-			&cli.DurationFlag{Name: "timeout", Value: hook.DefaultTimeout, Usage: "bound on the agent call"},
+			&cli.DurationFlag{Name: "timeout", Value: hook.DefaultTimeout, Usage: "bound on the worker's agent call (adopt, stopped)"},
+			&cli.DurationFlag{Name: "prepare-timeout", Value: hook.DefaultPrepareTimeout, Usage: "bound on the prepare call libvirt's start waits for"},
 			&cli.StringFlag{Name: "worker", Usage: "internal: run the detached agent call"},
 		},
 		Action: func(ctx context.Context, cmd *cli.Command) error {
-			h := hook.Hook{AgentSocket: cmd.String("agent"), Log: cmd.String("log"), Timeout: cmd.Duration("timeout")}
+			h := hook.Hook{AgentSocket: cmd.String("agent"), Log: cmd.String("log"),
+				Timeout: cmd.Duration("timeout"), PrepareTimeout: cmd.Duration("prepare-timeout")}
+			ag := hook.AgentClient(h.AgentSocket)
 			if w := cmd.String("worker"); w != "" {
-				if err := h.Work(ctx, w, hook.AgentClient(h.AgentSocket)); err != nil {
+				xml, err := io.ReadAll(io.LimitReader(os.Stdin, 16<<20))
+				if err == nil {
+					err = h.Work(ctx, w, xml, ag)
+				}
+				if err != nil {
 					return cli.Exit(err.Error(), 1)
 				}
 				return nil
 			}
-			// Errors are in the log; see the command's doc for exit 0.
-			_, _ = h.Handle(cmd.Args().Slice(), os.Stdin)
+			// Other errors are in the log; see the command's doc.
+			if _, err := h.Handle(ctx, cmd.Args().Slice(), os.Stdin, ag); errors.Is(err, hook.ErrPrepare) {
+				return cli.Exit(err.Error(), 1)
+			}
 			return nil
 		},
 	}

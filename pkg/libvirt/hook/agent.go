@@ -11,11 +11,15 @@ func AgentClient(socket string) Agent { return agentClient{agent.NewClient(socke
 
 type agentClient struct{ c *agent.Client }
 
-func (a agentClient) Pair(ctx context.Context, domain, peer string) error {
-	_, err := a.c.Pair(ctx, domain, peer)
+func (a agentClient) PrepareDomain(ctx context.Context, domain string, domainXML []byte) error {
+	return a.c.PrepareDomain(ctx, domain, domainXML)
+}
+
+func (a agentClient) AdoptDomain(ctx context.Context, domain string, domainXML []byte, peer string) error {
+	_, err := a.c.AdoptDomain(ctx, domain, domainXML, peer)
 	return err
 }
 
-func (a agentClient) Unpair(ctx context.Context, domain string) error {
-	return a.c.Unpair(ctx, domain)
+func (a agentClient) DomainStopped(ctx context.Context, domain string) error {
+	return a.c.DomainStopped(ctx, domain)
 }

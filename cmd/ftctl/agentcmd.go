@@ -70,32 +70,35 @@ means only the link broke, so it does not promote. With --arbiter none it
 never promotes on its own (planned failovers still work).
 
 With --shims, each VM this host runs lives in a process of its own (ftctl
-shim, log in RUN-DIR/vms/VM.shim.log) that owns its QEMU, disk export, output buffer and
-replication link: restarting the agent, even with kill -9, neither stops the
-VM nor its protection, and the restarted agent finds it again. Replicas kept
-for peers still live in the agent: its restart loses them, and their
-primaries run on degraded and pair again by themselves.`,
+shim, log in RUN-DIR/vms/VM.shim.log) that owns its QEMU, disk export, output
+buffer and replication link; so does each replica kept for a peer (its
+standby QEMU, replica RAM and disk, and its own replication listener on the
+--listen host with a port the system picks: the agent redirects the primary
+there). Restarting the agent, even with kill -9, neither stops a VM nor
+interrupts its protection, on either host, and the restarted agent finds
+its shims again.`,
 		Flags:  agentFlags(),
 		Action: runAgent,
 	}
 }
 
-// shimCommand is the hidden `ftctl shim`: the process that owns one VM
-// for the agent (pkg/agent, shim.go). The agent starts it with its own
-// flags and --vm.
+// shimCommand is the hidden `ftctl shim`: the process that owns one VM,
+// or one replica, for the agent (pkg/agent, shim.go). The agent starts it
+// with its own flags, --vm and --role.
 func shimCommand() *cli.Command {
 	return &cli.Command{
 		Name:   "shim",
 		Usage:  "run one VM for the agent (started by ftctl agent)",
 		Hidden: true,
 		Flags: append(agentFlags(),
-			&cli.StringFlag{Name: "vm", Required: true, Usage: "the VM this shim runs"}),
+			&cli.StringFlag{Name: "vm", Required: true, Usage: "the VM this shim runs"},
+			&cli.StringFlag{Name: "role", Value: string(agent.RolePrimary), Usage: "primary (run the VM) or secondary (keep its replica for a peer)"}),
 		Action: func(ctx context.Context, cmd *cli.Command) error {
 			cfg, err := agentConfig(cmd)
 			if err != nil {
 				return err
 			}
-			return agent.RunShim(ctx, cfg, cmd.String("vm"))
+			return agent.RunShim(ctx, cfg, cmd.String("vm"), agent.Role(cmd.String("role")))
 		},
 	}
 }

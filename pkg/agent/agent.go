@@ -32,7 +32,14 @@ type Agent struct {
 	// shimOf is the VM this agent serves when it is itself a shim.
 	shimOf string
 	// lv: libvirt domains (libvirt.go).
-	lv     libvirtState
+	lv libvirtState
+	// shimMu serialises the starting of replica shims.
+	shimMu sync.Mutex
+	// replicaRoutes remembers the peers' replica shims (shimroute.go).
+	replicaRoutes replicaRoutes
+	// busy counts pairings being accepted (a shim must not think itself
+	// idle meanwhile).
+	busy   int
 	peerLn *wire.Listener
 	hbSrv  *failover.HeartbeatServer
 	ctl    net.Listener
@@ -197,6 +204,27 @@ func (a *Agent) servePeer(ctx context.Context, c wire.Conn) {
 		c.Close()
 		return
 	}
+	if a.shimOf != "" && m.VM != a.shimOf {
+		// A replica shim's listener is its VM's alone (a stale route of
+		// a primary can lead here).
+		sendMsg(ctx, wc, message{Op: opRefused, VM: m.VM, Error: fmt.Sprintf("%v: this is the shim of %s, not of %s", ErrNotFound, a.shimOf, m.VM)})
+		c.Close()
+		return
+	}
+	if len(a.cfg.ShimCommand) > 0 && (m.Op == opProtect || m.Op == opVMLost) {
+		// Replicas live in shims: send the primary there.
+		sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		addr, err := a.replicaShimAddr(sctx, m)
+		cancel()
+		reply := message{Op: opRedirect, VM: m.VM, Addr: addr}
+		if err != nil {
+			a.log.Warn("no replica shim", "op", m.Op, "vm", m.VM, "peer", c.Peer(), "err", err)
+			reply = message{Op: opRefused, VM: m.VM, Error: err.Error()}
+		}
+		sendMsg(ctx, wc, reply)
+		c.Close()
+		return
+	}
 	if m.Op == opVMLost {
 		// The primary's VM died and its replication link was gone
 		// already: the news comes on a link of its own.
@@ -218,6 +246,14 @@ func (a *Agent) servePeer(ctx context.Context, c wire.Conn) {
 	if m.From == "" {
 		m.From = c.Peer()
 	}
+	a.mu.Lock()
+	a.busy++
+	a.mu.Unlock()
+	defer func() {
+		a.mu.Lock()
+		a.busy--
+		a.mu.Unlock()
+	}()
 	r, err := a.acceptProtect(ctx, m)
 	if err != nil {
 		a.log.Warn("refusing to protect", "vm", m.VM, "peer", m.From, "err", err)
@@ -240,8 +276,19 @@ func (a *Agent) servePeer(ctx context.Context, c wire.Conn) {
 		a.dropReplica(r)
 		return
 	}
-	r.conn = wc
-	r.setState(StateStandby, "protecting for "+m.From)
+	if !r.attach(wc, "protecting for "+m.From) {
+		// Replaced or removed while it was being prepared.
+		c.Close()
+		return
+	}
+	a.mu.Lock()
+	a.busy--
+	a.mu.Unlock()
+	defer func() {
+		a.mu.Lock()
+		a.busy++
+		a.mu.Unlock()
+	}()
 	r.run(context.WithoutCancel(ctx))
 }
 
@@ -258,8 +305,8 @@ func (a *Agent) vmLostNews(m message, authPeer string) error {
 		return fmt.Errorf("%w: %s is protected for %s, not %s", ErrPeer, m.VM, r.peer, m.From)
 	}
 	r.noteVMLost(m.Error)
-	if r.conn != nil {
-		r.conn.Close()
+	if c := r.link(); c != nil {
+		c.Close()
 	}
 	return nil
 }
@@ -431,7 +478,12 @@ func (a *Agent) Failover(ctx context.Context, name string) (uint64, error) {
 // Unpair stops protecting a VM.
 func (a *Agent) Unpair(ctx context.Context, name string) error {
 	if sp := a.shimFor(name); sp != nil {
-		return sp.c.Unpair(ctx, name)
+		if err := sp.c.Unpair(ctx, name); err != nil {
+			return err
+		}
+		// A replica shim ends with its replica.
+		a.shimStatus(sp)
+		return nil
 	}
 	a.mu.Lock()
 	r, isReplica := a.replicas[name]
@@ -500,6 +552,12 @@ func (a *Agent) Status(name string) ([]VMStatus, error) {
 	for _, r := range rs {
 		out = append(out, withRunState(r.status(), r.standby))
 	}
+	if a.shimOf != "" {
+		// Replicas too: the agent shows which process owns each VM.
+		for i := range out {
+			out[i].ShimPID = os.Getpid()
+		}
+	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
 	return out, nil
 }
@@ -542,7 +600,11 @@ func (a *Agent) Close() error {
 	a.mu.Unlock()
 	for _, sp := range ss {
 		ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
-		sp.c.Stop(ctx, sp.name)
+		if st, ok := a.shimStatus(sp); ok && st.Role == RoleSecondary {
+			sp.c.Unpair(ctx, sp.name)
+		} else {
+			sp.c.Stop(ctx, sp.name)
+		}
 		cancel()
 		a.dropShim(sp)
 	}

@@ -161,6 +161,7 @@ func (a *Agent) routes() http.Handler {
 		w.Write(b)
 	})
 	a.libvirtRoutes(mux)
+	a.shimRoutes(mux)
 	mux.HandleFunc("DELETE /v1/vms/{name}", func(w http.ResponseWriter, r *http.Request) {
 		if err := a.StopVM(r.Context(), r.PathValue("name")); err != nil {
 			writeErr(w, err)

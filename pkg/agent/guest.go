@@ -14,7 +14,6 @@ import (
 	"github.com/ftctl/ftctl/pkg/blockreplay/initsync"
 	"github.com/ftctl/ftctl/pkg/failover"
 	"github.com/ftctl/ftctl/pkg/lockstep"
-	"github.com/ftctl/ftctl/pkg/lockstep/wire"
 	"github.com/ftctl/ftctl/pkg/memsync"
 	"github.com/ftctl/ftctl/pkg/qmp"
 	"github.com/ftctl/ftctl/pkg/vm"
@@ -286,18 +285,17 @@ func (g *guest) tellVMLost(p *protection, reason string) error {
 	if err == nil {
 		return nil
 	}
-	raw, derr := wire.Dial(ctx, peerAddr(p.peer), g.a.cfg.Credentials)
+	// A new link goes to the replica's shim when the peer runs replicas
+	// in shims (remembered from the pairing, or by redirect).
+	l, derr := g.a.dialReplica(ctx, g.name, p.peer)
 	if derr != nil {
 		return fmt.Errorf("on the link: %v; on a new link: %w", err, derr)
 	}
-	defer raw.Close()
-	if err := sendMsg(ctx, raw, m); err != nil {
-		return err
-	}
-	reply, err := recvMsg(ctx, raw)
+	l, reply, err := g.a.askReplica(ctx, l, g.name, p.peer, m, 5*time.Second)
 	if err != nil {
 		return err
 	}
+	l.conn.Close()
 	if reply.Op != opReady {
 		return fmt.Errorf("%w: %s answered %q: %s", ErrPeer, p.peer, reply.Op, reply.Error)
 	}
@@ -340,13 +338,15 @@ func (g *guest) pairLocked(ctx context.Context, peer string, auto bool) error {
 	if err := g.startGuard(ctx); err != nil {
 		return err
 	}
+	// To the peer's agent, or straight to the replica shim it redirected
+	// an earlier pairing of this VM to.
 	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	raw, err := wire.Dial(dctx, peerAddr(peer), g.a.cfg.Credentials)
+	link, err := g.a.dialReplica(dctx, g.name, peer)
 	cancel()
 	if err != nil {
 		return fmt.Errorf("%w: connect to %s: %w", ErrPeer, peer, err)
 	}
-	conn := newWatchedConn(raw)
+	conn := link.conn
 	fail := func(err error) error { conn.Close(); return err }
 
 	// The disk's events start streaming at a moment with no write in
@@ -379,12 +379,10 @@ func (g *guest) pairLocked(ctx context.Context, peer string, auto bool) error {
 		drain(events)
 		return fail(err)
 	}
-	if err := sendMsg(ctx, conn, msg); err != nil {
-		return undo(fmt.Errorf("%w: %s: %w", ErrPeer, peer, err))
-	}
-	rctx, rcancel := context.WithTimeout(ctx, 60*time.Second)
-	reply, err := recvMsg(rctx, conn)
-	rcancel()
+	// The replica side may redirect the request to a shim of its own:
+	// the link that answers is the one the pairing uses.
+	link, reply, err := g.a.askReplica(ctx, link, g.name, peer, msg, 60*time.Second)
+	conn = link.conn
 	if err != nil {
 		return undo(fmt.Errorf("%w: %s did not answer: %w", ErrPeer, peer, err))
 	}

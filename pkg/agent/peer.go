@@ -53,6 +53,10 @@ const (
 	// libvirt domain stopped by its guest or by libvirt); drop the replica
 	// instead of taking over.
 	opUnpair = "unpair"
+	// opRedirect: secondary's agent → primary: this VM's replica lives in
+	// a shim of its own; send the request again to Addr (the shim's peer
+	// listener). The primary remembers it for later requests about the VM.
+	opRedirect = "redirect"
 )
 
 type message struct {
@@ -74,6 +78,8 @@ type message struct {
 	// libvirt (protect): the secondary makes its standby a libvirt domain
 	// from it.
 	Domain string `json:"domain,omitempty"`
+	// Addr is where to send the request instead (redirect).
+	Addr string `json:"addr,omitempty"`
 }
 
 func sendMsg(ctx context.Context, c wire.Conn, m message) error {
@@ -111,6 +117,31 @@ func decodeMsg(b []byte) (message, error) {
 		return m, fmt.Errorf("%w: control message without op", ErrPeer)
 	}
 	return m, nil
+}
+
+// attach gives a prepared replica its link and makes it a standby, unless
+// it was removed meanwhile (replaced by a newer pairing, or unpaired); it
+// says whether it did. The link is read by other goroutines (a vm-lost
+// report on a link of its own, stop), hence r.mu.
+func (r *replicaVM) attach(c *watchedConn, reason string) bool {
+	r.mu.Lock()
+	if r.state == StateStopped {
+		r.mu.Unlock()
+		return false
+	}
+	r.conn = c
+	r.state, r.reason, r.since = StateStandby, reason, time.Now()
+	r.mu.Unlock()
+	r.a.log.Info("state", "vm", r.name, "state", StateStandby, "reason", reason)
+	r.a.saveRecord(record{Name: r.name, Role: RoleSecondary, State: StateStandby, Peer: r.peer, Spec: r.spec})
+	return true
+}
+
+// link is the replica's replication link (nil before attach).
+func (r *replicaVM) link() *watchedConn {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.conn
 }
 
 // watchedConn notes when anything last arrived on a link, so a watchdog

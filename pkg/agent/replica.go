@@ -315,8 +315,8 @@ func (r *replicaVM) promoteNow(ctx context.Context, why string) (uint64, error) 
 // close releases the replica's resources (the standby is killed unless it
 // was promoted and adopted).
 func (r *replicaVM) close() {
-	if r.sec != nil && r.conn != nil {
-		r.conn.Close()
+	if c := r.link(); r.sec != nil && c != nil {
+		c.Close()
 	}
 	r.health.close()
 	if r.standby != nil {
@@ -339,8 +339,8 @@ func (r *replicaVM) close() {
 // stop ends the protection here and removes the replica.
 func (r *replicaVM) stop() {
 	r.setState(StateStopped, "replica removed")
-	if r.conn != nil {
-		r.conn.Close()
+	if c := r.link(); c != nil {
+		c.Close()
 		<-r.done
 	}
 	r.close()

@@ -1,25 +1,34 @@
 package agent
 
 // Shims (the containerd-shim model): with Config.ShimCommand set, each VM
-// this host runs as primary lives in a process of its own, `ftctl shim`,
-// started in its own session. The shim is an Agent serving that one VM: it
-// is QEMU's parent and owns the VM's devices (the NBD export of its disk,
-// the output buffer of its NIC), its lockstep Primary, its lease guard and
-// its management heartbeat server. The host's agent only supervises: it
-// starts shims, forwards control requests to them over their control
-// sockets, and, when it starts, finds the shims still running from the VM
-// records on disk and the shims' sockets answering. So an agent restart —
-// even kill -9 — neither stops a guest nor interrupts its protection.
+// this host runs or protects lives in a process of its own, `ftctl shim`,
+// started in its own session. The shim is an Agent serving that one VM.
+// For a VM this host runs as primary it is QEMU's parent and owns the VM's
+// devices (the NBD export of its disk, the output buffer of its NIC), its
+// lockstep Primary, its lease guard and its management heartbeat server.
+// For a VM this host protects for a peer (a replica shim, --role
+// secondary) it owns the replica RAM and disk, the standby QEMU, the
+// lockstep Secondary, the arbitration and, after a promotion, the VM as a
+// primary shim would. The host's agent only supervises: it starts shims,
+// forwards control requests to them over their control sockets, and, when
+// it starts, finds the shims still running from the VM records on disk
+// (written by the shims themselves) and the shims' sockets answering. So an
+// agent restart — even kill -9 — neither stops a guest nor interrupts its
+// protection, on either side of a pair.
 //
-// The replication link is the shim's own: it dials the peer with the
-// agent's credentials (the shim is started with the agent's flags). Handing
-// a connection over from the agent with SCM_RIGHTS would not work for the
-// link's TLS session, whose keys live in the process that made it, and
-// proxying the bytes through the agent would make the agent a point of
-// failure again; a shim that dials out itself depends on the agent only
-// until it runs.
-//
-// Replicas (the secondary role) still live in the agent process for now.
+// The replication link is the shims' own. A primary shim dials the peer
+// with the agent's credentials (the shim is started with the agent's
+// flags). Handing a connection over from the agent with SCM_RIGHTS would
+// not work for the link's TLS session, whose keys live in the process that
+// made it, and proxying the bytes through the agent would make the agent a
+// point of failure again. So on the secondary side the agent does not
+// accept the pairing itself either: a protect request reaching it starts
+// the VM's replica shim, which listens on the agent's peer host with a port
+// of its own (same credentials), and the agent answers "redirect" with
+// that address. The primary dials the shim and sends its request again,
+// and remembers the address (replicaRoutes) for later requests about the
+// VM — a vm-lost report, a re-pairing — falling back to the peer's agent
+// when the shim no longer answers there.
 
 import (
 	"context"
@@ -27,10 +36,12 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -45,6 +56,69 @@ type shimProc struct {
 	// exited is closed when a shim this agent started exits (nil for a
 	// shim found again after a restart: it is not this agent's child).
 	exited chan struct{}
+	// kill kills a shim this agent started (nil for one found again).
+	kill func() error
+
+	mu sync.Mutex
+	// role is the VM's role in the shim as last seen (a replica shim's VM
+	// becomes a primary when it is promoted).
+	role Role
+}
+
+func (sp *shimProc) setRole(r Role) {
+	if r == "" {
+		return
+	}
+	sp.mu.Lock()
+	sp.role = r
+	sp.mu.Unlock()
+}
+
+func (sp *shimProc) lastRole() Role {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	return sp.role
+}
+
+// gone says whether the shim has certainly exited: this agent saw its
+// child exit, or its control socket was removed (a shim's listener unlinks
+// it when the shim ends in order).
+func (sp *shimProc) gone() bool {
+	if sp.exited != nil {
+		select {
+		case <-sp.exited:
+			return true
+		default:
+		}
+	}
+	_, err := os.Stat(sp.socket)
+	return errors.Is(err, os.ErrNotExist)
+}
+
+// ShimInfo is what a shim tells its agent about itself.
+type ShimInfo struct {
+	VM  string `json:"vm"`
+	PID int    `json:"pid"`
+	// PeerAddr is the shim's own peer listener (replica shims): where
+	// the agent redirects the VM's primary.
+	PeerAddr string `json:"peer_addr,omitempty"`
+	MgmtAddr string `json:"mgmt_addr,omitempty"`
+}
+
+// shimRoutes adds a shim's own routes to its control API.
+func (a *Agent) shimRoutes(mux *http.ServeMux) {
+	if a.shimOf == "" {
+		return
+	}
+	mux.HandleFunc("GET /v1/shim", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, ShimInfo{VM: a.shimOf, PID: os.Getpid(), PeerAddr: a.PeerAddr(), MgmtAddr: a.MgmtAddr()})
+	})
+}
+
+// ShimInfo asks a shim (not an agent) about itself.
+func (c *Client) ShimInfo(ctx context.Context) (ShimInfo, error) {
+	var i ShimInfo
+	return i, c.do(ctx, http.MethodGet, "/v1/shim", nil, &i)
 }
 
 // ShimSocket is the control socket of VM name's shim under runDir.
@@ -69,16 +143,37 @@ func (a *Agent) shimFor(name string) *shimProc {
 // startShim starts VM spec.Name's shim, waits until it answers, and asks
 // it to start the VM.
 func (a *Agent) startShim(ctx context.Context, spec vm.Spec, probe ProbeSpec) (VMStatus, error) {
-	sock := ShimSocket(a.cfg.RunDir, spec.Name)
-	if err := os.MkdirAll(filepath.Dir(sock), 0o700); err != nil {
+	sp, err := a.startShimProc(ctx, spec.Name, RolePrimary)
+	if err != nil {
 		return VMStatus{}, err
 	}
-	logf, err := os.OpenFile(ShimLog(a.cfg.RunDir, spec.Name), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	st, err := sp.c.Start(ctx, StartRequest{Spec: spec, Probe: probe})
 	if err != nil {
-		return VMStatus{}, fmt.Errorf("shim log: %w", err)
+		a.killShim(sp)
+		return VMStatus{}, err
+	}
+	return st, nil
+}
+
+// startShimProc starts the shim of VM name in role, waits until it
+// answers and registers it.
+func (a *Agent) startShimProc(ctx context.Context, name string, role Role) (*shimProc, error) {
+	if err := checkShimName(name); err != nil {
+		return nil, err
+	}
+	sock := ShimSocket(a.cfg.RunDir, name)
+	if err := os.MkdirAll(filepath.Dir(sock), 0o700); err != nil {
+		return nil, err
+	}
+	logf, err := os.OpenFile(ShimLog(a.cfg.RunDir, name), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("shim log: %w", err)
 	}
 	defer logf.Close()
-	args := append(append([]string{}, a.cfg.ShimCommand[1:]...), "--vm", spec.Name)
+	args := append(append([]string{}, a.cfg.ShimCommand[1:]...), "--vm", name)
+	if role == RoleSecondary {
+		args = append(args, "--role", string(RoleSecondary))
+	}
 	// Not CommandContext: the shim must outlive the request and the agent.
 	cmd := exec.Command(a.cfg.ShimCommand[0], args...)
 	cmd.Stdout, cmd.Stderr = logf, logf
@@ -86,26 +181,111 @@ func (a *Agent) startShim(ctx context.Context, spec vm.Spec, probe ProbeSpec) (V
 	// terminal reaches it.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	if err := cmd.Start(); err != nil {
-		return VMStatus{}, fmt.Errorf("start shim for %s: %w", spec.Name, err)
+		return nil, fmt.Errorf("start shim for %s: %w", name, err)
 	}
-	sp := &shimProc{name: spec.Name, socket: sock, c: NewClient(sock), exited: make(chan struct{})}
+	sp := &shimProc{name: name, socket: sock, c: NewClient(sock), exited: make(chan struct{}), role: role}
+	sp.kill = cmd.Process.Kill
 	go func() { cmd.Wait(); close(sp.exited) }()
 	if err := sp.waitReady(ctx, 15*time.Second); err != nil {
 		cmd.Process.Kill()
 		<-sp.exited
-		return VMStatus{}, fmt.Errorf("shim for %s: %w; its log: %s", spec.Name, err, tailFile(ShimLog(a.cfg.RunDir, spec.Name), 2000))
+		return nil, fmt.Errorf("shim for %s: %w; its log: %s", name, err, tailFile(ShimLog(a.cfg.RunDir, name), 2000))
 	}
 	a.mu.Lock()
-	a.shims[spec.Name] = sp
+	a.shims[name] = sp
 	a.mu.Unlock()
-	st, err := sp.c.Start(ctx, StartRequest{Spec: spec, Probe: probe})
-	if err != nil {
-		a.dropShim(sp)
-		cmd.Process.Kill()
+	return sp, nil
+}
+
+// killShim ends a shim this agent just started and that failed its first
+// request.
+func (a *Agent) killShim(sp *shimProc) {
+	a.dropShim(sp)
+	if sp.kill != nil {
+		sp.kill()
 		<-sp.exited
-		return VMStatus{}, err
 	}
-	return st, nil
+}
+
+// checkShimName refuses VM names that cannot name a shim's files.
+func checkShimName(name string) error {
+	if name == "" || name == "." || name == ".." || strings.ContainsAny(name, "/\x00") {
+		return fmt.Errorf("%w: shim: VM name %q", ErrBadRequest, name)
+	}
+	return nil
+}
+
+// replicaShimAddr finds or starts the shim that keeps VM m.VM's replica
+// on this host and returns its peer address, for a redirect: a protect
+// request gets an existing replica shim (which replaces its stale replica,
+// as an agent would) or a new one; a vm-lost report only an existing one.
+func (a *Agent) replicaShimAddr(ctx context.Context, m message) (string, error) {
+	if err := checkShimName(m.VM); err != nil {
+		return "", err
+	}
+	// One request at a time starts shims: two protects for one VM must not
+	// start two.
+	a.shimMu.Lock()
+	defer a.shimMu.Unlock()
+	if sp := a.shimFor(m.VM); sp != nil {
+		ictx, cancel := context.WithTimeout(ctx, shimTimeout)
+		st, err := sp.c.Get(ictx, m.VM)
+		var info ShimInfo
+		if err == nil {
+			info, err = sp.c.ShimInfo(ictx)
+		}
+		cancel()
+		switch {
+		case err != nil:
+			if m.Op != opProtect {
+				return "", fmt.Errorf("%w: the shim of %s does not answer: %w", ErrState, m.VM, err)
+			}
+			// Gone or wedged; a new shim takes its socket over.
+			a.log.Warn("replacing a shim that does not answer", "vm", m.VM, "err", err)
+			a.dropShim(sp)
+		case st.Role == RoleSecondary:
+			sp.setRole(RoleSecondary)
+			if info.PeerAddr == "" {
+				return "", fmt.Errorf("%w: the replica shim of %s has no peer listener", ErrState, m.VM)
+			}
+			return info.PeerAddr, nil
+		case m.Op == opProtect && (st.State == StateStopped || st.State == StateHandedOver):
+			// What is left of a VM that ran here (this host was its
+			// primary and failed, or handed it over) makes way for the
+			// new replica.
+			sctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+			err := sp.c.Stop(sctx, m.VM)
+			cancel()
+			if err != nil && !errors.Is(err, ErrNotFound) {
+				return "", fmt.Errorf("%w: %s: what is left of it here: %w", ErrState, m.VM, err)
+			}
+			a.dropShim(sp)
+		default:
+			return "", fmt.Errorf("%w: %s runs on this host", ErrExists, m.VM)
+		}
+	}
+	if m.Op != opProtect {
+		return "", fmt.Errorf("%w: %s", ErrNotFound, m.VM)
+	}
+	if m.Spec == nil || m.Spec.Name != m.VM {
+		return "", fmt.Errorf("%w: protect request for %q without its VM spec", ErrBadRequest, m.VM)
+	}
+	sp, err := a.startShimProc(ctx, m.VM, RoleSecondary)
+	if err != nil {
+		return "", err
+	}
+	ictx, cancel := context.WithTimeout(ctx, shimTimeout)
+	info, err := sp.c.ShimInfo(ictx)
+	cancel()
+	if err == nil && info.PeerAddr == "" {
+		err = errors.New("it has no peer listener")
+	}
+	if err != nil {
+		a.killShim(sp)
+		return "", fmt.Errorf("replica shim for %s: %w", m.VM, err)
+	}
+	a.log.Info("started a replica shim", "vm", m.VM, "peer", m.From, "addr", info.PeerAddr, "shim_pid", info.PID)
+	return info.PeerAddr, nil
 }
 
 // waitReady polls the shim's control socket until it answers.
@@ -129,8 +309,8 @@ func (sp *shimProc) waitReady(ctx context.Context, wait time.Duration) error {
 	}
 }
 
-// discoverShims finds the shims of VMs this host runs as primary that
-// outlived a previous agent: a record on disk says the VM exists, the
+// discoverShims finds the shims (of VMs this host runs, and of replicas it
+// keeps) that outlived a previous agent: a record on disk says the VM exists, the
 // shim's socket answering says its shim is alive.
 func (a *Agent) discoverShims(ctx context.Context) {
 	ents, err := os.ReadDir(filepath.Join(a.cfg.StateDir, "vms"))
@@ -146,10 +326,10 @@ func (a *Agent) discoverShims(ctx context.Context) {
 			continue
 		}
 		var r record
-		if json.Unmarshal(b, &r) != nil || r.Role != RolePrimary || r.Name == "" {
+		if json.Unmarshal(b, &r) != nil || (r.Role != RolePrimary && r.Role != RoleSecondary) || checkShimName(r.Name) != nil {
 			continue
 		}
-		sp := &shimProc{name: r.Name, socket: ShimSocket(a.cfg.RunDir, r.Name)}
+		sp := &shimProc{name: r.Name, socket: ShimSocket(a.cfg.RunDir, r.Name), role: r.Role}
 		sp.c = NewClient(sp.socket)
 		cctx, cancel := context.WithTimeout(ctx, shimTimeout)
 		st, err := sp.c.Get(cctx, r.Name)
@@ -158,10 +338,11 @@ func (a *Agent) discoverShims(ctx context.Context) {
 			a.log.Warn("VM record without a live shim", "vm", r.Name, "state", r.State, "err", err)
 			continue
 		}
+		sp.setRole(st.Role)
 		a.mu.Lock()
 		a.shims[r.Name] = sp
 		a.mu.Unlock()
-		a.log.Info("reattached to a running shim", "vm", r.Name, "state", st.State, "pid", st.PID, "shim_pid", st.ShimPID)
+		a.log.Info("reattached to a running shim", "vm", r.Name, "role", st.Role, "state", st.State, "pid", st.PID, "shim_pid", st.ShimPID)
 	}
 }
 
@@ -171,13 +352,14 @@ func (a *Agent) shimStatus(sp *shimProc) (VMStatus, bool) {
 	ctx, cancel := context.WithTimeout(context.Background(), shimTimeout)
 	defer cancel()
 	st, err := sp.c.Get(ctx, sp.name)
-	if errors.Is(err, ErrNotFound) {
+	if errors.Is(err, ErrNotFound) || (err != nil && sp.gone()) {
 		a.dropShim(sp)
 		return VMStatus{}, false
 	}
 	if err != nil {
-		return VMStatus{Name: sp.name, Role: RolePrimary, Error: "its shim does not answer: " + err.Error()}, true
+		return VMStatus{Name: sp.name, Role: sp.lastRole(), Error: "its shim does not answer: " + err.Error()}, true
 	}
+	sp.setRole(st.Role)
 	return st, true
 }
 
@@ -191,16 +373,30 @@ func (a *Agent) dropShim(sp *shimProc) {
 
 // RunShim runs the shim of VM name: an agent serving that one VM on
 // ShimSocket(cfg.RunDir, name), with cfg's directories and credentials
-// (the ones its supervising agent has), no peer listener, and its own
-// management heartbeat server on the agent's management host. It returns
-// when ctx ends or once its VM is gone; the VM's QEMU does not stop with
-// it.
-func RunShim(ctx context.Context, cfg Config, name string) error {
-	if name == "" || strings.ContainsAny(name, "/\x00") {
-		return fmt.Errorf("%w: shim: VM name %q", ErrBadRequest, name)
+// (the ones its supervising agent has), and its own management heartbeat
+// server on the agent's management host. In role RolePrimary (or "") it
+// runs a VM the agent starts in it, with no peer listener; in role
+// RoleSecondary it keeps the VM's replica for a peer, on a peer listener of
+// its own on cfg.PeerAddr's host (the port is chosen by the system and
+// reported by GET /v1/shim). It returns when ctx ends or once its VM is
+// gone; the VM's QEMU does not stop with it.
+func RunShim(ctx context.Context, cfg Config, name string, role Role) error {
+	if err := checkShimName(name); err != nil {
+		return err
 	}
 	cfg.ShimCommand = nil
-	cfg.PeerAddr = ""
+	switch role {
+	case "", RolePrimary:
+		cfg.PeerAddr = ""
+	case RoleSecondary:
+		host, _, err := net.SplitHostPort(cfg.PeerAddr)
+		if err != nil {
+			return fmt.Errorf("%w: a replica shim needs its agent's peer address (--listen), got %q", ErrBadRequest, cfg.PeerAddr)
+		}
+		cfg.PeerAddr = net.JoinHostPort(host, "0")
+	default:
+		return fmt.Errorf("%w: shim role %q: want %s or %s", ErrBadRequest, role, RolePrimary, RoleSecondary)
+	}
 	if cfg.RunDir == "" {
 		cfg.RunDir = "/run/ftctl"
 	}
@@ -249,7 +445,9 @@ func (a *Agent) shimIdleExit(ctx context.Context, errc <-chan error) error {
 		case <-t.C:
 		}
 		a.mu.Lock()
-		n := len(a.guests) + len(a.replicas)
+		// busy: a pairing being accepted (a replica replaced by a new
+		// one is briefly in neither map).
+		n := len(a.guests) + len(a.replicas) + a.busy
 		a.mu.Unlock()
 		switch {
 		case n > 0:

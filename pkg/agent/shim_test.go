@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"log/slog"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -27,9 +28,35 @@ const shimEnv = "FTCTL_AGENT_TEST_SHIM"
 type shimConf struct {
 	Name, StateDir, RunDir, RAMDir string
 	CA, Cert, Key                  []byte
+	// PeerAddr is the agent's peer listener (a replica shim listens on
+	// its host); Arbiter: promote when the primary is lost (yesArbiter).
+	PeerAddr string
+	Arbiter  bool
+	// Verbose: log to stderr (the process's log file), not nowhere.
+	Verbose bool
+}
+
+func (sc shimConf) config() (agent.Config, error) {
+	creds, err := wire.CredentialsFromPEM(sc.CA, sc.Cert, sc.Key)
+	if err != nil {
+		return agent.Config{}, err
+	}
+	cfg := agent.Config{Name: sc.Name, StateDir: sc.StateDir, RunDir: sc.RunDir, RAMDir: sc.RAMDir,
+		PeerAddr: sc.PeerAddr, Credentials: creds, Logger: quiet, Policy: lockstep.Policy{MaxInterval: 100 * time.Millisecond},
+		PeerTimeout: 2 * time.Second, QMPTimeout: time.Second}
+	if sc.Arbiter {
+		cfg.Arbiter = yesArbiter{}
+	}
+	if sc.Verbose {
+		cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	return cfg, nil
 }
 
 func TestMain(m *testing.M) {
+	if v := os.Getenv(agentEnv); v != "" {
+		os.Exit(runTestAgent(v))
+	}
 	if v := os.Getenv(shimEnv); v != "" {
 		os.Exit(runTestShim(v))
 	}
@@ -42,22 +69,26 @@ func runTestShim(v string) int {
 		fmt.Fprintln(os.Stderr, "shim config:", err)
 		return 2
 	}
-	name := ""
+	name, role := "", agent.RolePrimary
 	for i, a := range os.Args {
-		if a == "--vm" && i+1 < len(os.Args) {
+		if i+1 >= len(os.Args) {
+			break
+		}
+		switch a {
+		case "--vm":
 			name = os.Args[i+1]
+		case "--role":
+			role = agent.Role(os.Args[i+1])
 		}
 	}
-	creds, err := wire.CredentialsFromPEM(sc.CA, sc.Cert, sc.Key)
+	cfg, err := sc.config()
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "shim credentials:", err)
 		return 2
 	}
 	ctx, stop := signalContext()
 	defer stop()
-	err = agent.RunShim(ctx, agent.Config{Name: sc.Name, StateDir: sc.StateDir, RunDir: sc.RunDir, RAMDir: sc.RAMDir,
-		Credentials: creds, Logger: quiet, Policy: lockstep.Policy{MaxInterval: 100 * time.Millisecond},
-		PeerTimeout: 2 * time.Second, QMPTimeout: time.Second}, name)
+	err = agent.RunShim(ctx, cfg, name, role)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "shim:", err)
 		return 1

@@ -1,7 +1,10 @@
 package e2e
 
 import (
+	"encoding/json"
+	"fmt"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -10,7 +13,8 @@ import (
 )
 
 // TestAgentRestart: kill -9 of an agent while its VM is protected, with
-// the agents running each VM in a shim (--shims; not yet the default).
+// the agents running each VM and each replica in a shim (--shims; not yet
+// the default).
 //
 // A's agent (the primary's host): the VM lives in its shim, which owns its
 // QEMU, disk export, NIC buffer and replication link, so nothing notices.
@@ -18,9 +22,13 @@ import (
 // committing, and the restarted agent finds the shim and shows the VM
 // protected, with the same QEMU and shim.
 //
-// B's agent (the secondary's host): the replica lives in B's agent for now,
-// so it is lost with it. A degrades without stopping the guest (the client
-// is still served) and pairs again by itself once B's agent is back.
+// B's agent (the secondary's host): the replica lives in B's replica shim,
+// which the pairing was redirected to, with its own replication listener
+// and management heartbeat server. So A stays protected without a state
+// change — no degradation, no re-sync: its checkpoints go on, its state
+// keeps its timestamp, and B's shim commits epochs in sequence — and A's
+// health path still hears B. The restarted agent lists the replica again,
+// in the same shim with the same standby.
 func TestAgentRestart(t *testing.T) {
 	c, vc := protectedVMWith(t, func(c *cluster) {
 		for _, p := range []*agentProc{c.a, c.b} {
@@ -79,27 +87,92 @@ func TestAgentRestart(t *testing.T) {
 		t.Fatalf("long-lived connection after A's agent restart: %v", err)
 	}
 
-	// 2. B's agent dies: A degrades and goes on serving, then re-pairs.
+	// 2. B's agent dies: the replica and its link live on in B's shim.
+	sa, err := c.a.status(vmName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sb, err = c.b.status(vmName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sb.Role != agent.RoleSecondary || sb.State != agent.StateStandby || sb.ShimPID == 0 || sb.ShimPID == c.b.cmd.Process.Pid {
+		t.Fatalf("B's replica should live in a shim of its own: %+v", sb)
+	}
 	c.b.kill()
-	sa := c.a.waitState(vmName, agent.StateDegraded, time.Minute, agent.StateStopped)
-	t.Logf("A degraded after B's agent was killed: %s", sa.Reason)
-	if sa.PID != before.PID {
-		t.Fatalf("A's QEMU changed from %d to %d", before.PID, sa.PID)
+	for i := 0; i < 3; i++ {
+		if _, err := vc.onLong(30 * time.Second); err != nil {
+			t.Fatalf("long-lived connection with B's agent dead: %v", err)
+		}
 	}
-	if _, err := vc.onLong(30 * time.Second); err != nil {
-		t.Fatalf("long-lived connection with B's agent dead: %v", err)
+	// Beyond the peer timeout (1 s): a pairing that depended on B's agent
+	// would be degraded by now.
+	time.Sleep(3 * time.Second)
+	shimSock := agent.ShimSocket(filepath.Join(c.b.dir, "run"), vmName)
+	deadline = time.Now().Add(30 * time.Second)
+	var sbShim agent.VMStatus
+	for {
+		sbShim, err = statusAt(c, shimSock, vmName)
+		if err == nil && sbShim.State == agent.StateStandby && sbShim.Epoch > sb.Epoch+5 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("B's replica shim stopped committing with B's agent dead: %+v, %v (was epoch %d)", sbShim, err, sb.Epoch)
+		}
+		time.Sleep(100 * time.Millisecond)
 	}
-	// Its standby QEMU went with the replica's owner or not: either way
-	// B starts clean.
-	if sb.PID > 0 && processLives(sb.PID) {
-		killUnder(t, c.b.dir)
+	during, err := c.a.status(vmName)
+	if err != nil {
+		t.Fatal(err)
 	}
+	if during.State != agent.StateProtected || !during.Since.Equal(sa.Since) || during.Checkpoints <= sa.Checkpoints || during.Epoch <= sa.Epoch {
+		t.Fatalf("with B's agent dead A shows %+v; before: %+v", during, sa)
+	}
+	if during.PeerHealth != "alive" {
+		t.Fatalf("A's failure detector says B is %q, but only B's agent died", during.PeerHealth)
+	}
+	t.Logf("B's agent dead: its replica shim committed epochs %d..%d; A protected since %v, epochs acknowledged %d..%d",
+		sb.Epoch, sbShim.Epoch, sa.Since.Format(time.RFC3339Nano), sa.Epoch, during.Epoch)
+
 	c.b.start()
-	c.a.waitState(vmName, agent.StateProtected, 2*time.Minute, agent.StateStopped)
-	c.b.waitState(vmName, agent.StateStandby, 30*time.Second)
+	sb2 := c.b.waitState(vmName, agent.StateStandby, 30*time.Second, agent.StatePromoted, agent.StateStopped)
+	if sb2.Role != agent.RoleSecondary || sb2.ShimPID != sb.ShimPID || sb2.PID != sb.PID || sb2.Epoch < sbShim.Epoch {
+		t.Fatalf("after B's agent restart B shows %+v; before: shim %d, standby %d, epoch %d", sb2, sb.ShimPID, sb.PID, sbShim.Epoch)
+	}
+	deadline = time.Now().Add(30 * time.Second)
+	for {
+		after2, err := c.a.status(vmName)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if after2.State != agent.StateProtected || !after2.Since.Equal(sa.Since) {
+			t.Fatalf("after B's agent restart A shows %+v", after2)
+		}
+		if after2.Epoch > sb2.Epoch {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no epoch acknowledged after B's agent restart: A at %d, B had %d", after2.Epoch, sb2.Epoch)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 	if _, err := vc.onLong(30 * time.Second); err != nil {
-		t.Fatalf("long-lived connection, protected again: %v", err)
+		t.Fatalf("long-lived connection after B's agent restart: %v", err)
 	}
 	vc.checkLedger(t)
 	c.a.stopAndVerifyDisk(filepath.Join(c.root, "disk.raw"), false)
+}
+
+// statusAt is `ftctl status --json` of VM name on the control socket sock
+// (an agent's or a shim's).
+func statusAt(c *cluster, sock, name string) (agent.VMStatus, error) {
+	r := c.cli("status", "--socket", sock, "--json", name)
+	if r.code != 0 {
+		return agent.VMStatus{}, fmt.Errorf("%s", strings.TrimSpace(r.stderr))
+	}
+	var list []agent.VMStatus
+	if err := json.Unmarshal([]byte(r.stdout), &list); err != nil || len(list) != 1 {
+		return agent.VMStatus{}, fmt.Errorf("status --json printed %q: %v", r.stdout, err)
+	}
+	return list[0], nil
 }

@@ -1,0 +1,164 @@
+package e2e
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/ftctl/ftctl/internal/counterlog"
+	"github.com/ftctl/ftctl/internal/testenv"
+	"github.com/ftctl/ftctl/pkg/agent"
+	"github.com/ftctl/ftctl/pkg/libvirt"
+	"github.com/ftctl/ftctl/pkg/libvirt/libvirttest"
+)
+
+// TestLibvirtHook: the libvirt way. Host A's libvirtd runs ftctl's hook
+// (installed with `ftctl libvirt install-hook`), both agents run with
+// --libvirt. A plain domain prepared with `ftctl libvirt prepare --peer B`
+// is started through libvirt: the hook has A's agent open its sockets,
+// adopt its QEMU and pair it with B, whose standby is a libvirt domain,
+// paused. A's QEMU is SIGKILLed: B promotes, B's libvirt shows the domain
+// running, the guest's counter goes on from the last committed
+// checkpoint, A's libvirt shows it shut off, and the hook's stop report
+// makes A's agent forget it.
+func TestLibvirtHook(t *testing.T) {
+	if why := libvirttest.Requirements(); why != "" {
+		t.Skip(why)
+	}
+	img := testenv.Guest(t)
+	var hostA, hostB *libvirttest.Daemon
+	var hookLog string
+	c := newClusterWith(t, 3*time.Minute, func(c *cluster) {
+		hookLog = filepath.Join(c.root, "hook.log")
+		hostA = libvirttest.Start(t, libvirttest.Options{BeforeStart: func(dir string) error {
+			r := c.cli("libvirt", "install-hook", "--dir", filepath.Join(dir, "etc", "hooks"),
+				"--socket", c.a.sock, "--log", hookLog, "--timeout", "90s")
+			if r.code != 0 {
+				return errors.New(r.String())
+			}
+			return nil
+		}})
+		hostB = libvirttest.Start(t, libvirttest.Options{})
+		c.a.extra = append(c.a.extra, "--libvirt", hostA.Socket)
+		c.b.extra = append(c.b.extra, "--libvirt", hostB.Socket)
+	})
+	ca, cb := hostA.Conn(t), hostB.Conn(t)
+	ctx := c.ctx
+
+	// A plain domain with a raw disk, defined on A's libvirt.
+	disk := filepath.Join(c.root, "disk.raw")
+	if err := os.WriteFile(disk, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(disk, 16<<20); err != nil {
+		t.Fatal(err)
+	}
+	const serialInDaemon = "/var/log/libvirt/qemu/web-serial.log" // each daemon's own
+	dom := libvirttest.GuestDomain{
+		Name: vmName, Kernel: img.Kernel, Initrd: img.Initrd, Serial: serialInDaemon,
+		Cmdline: img.Cmdline + " ftguest.run=counter,disk ftguest.interval=50ms ftguest.diskinterval=50ms",
+		Devices: fmt.Sprintf("    <disk type='file' device='disk'>\n      <driver name='qemu' type='raw'/>\n      <source file='%s'/>\n      <target dev='vda' bus='virtio'/>\n    </disk>\n", disk),
+	}
+	if err := ca.Define(ctx, dom.XML()); err != nil {
+		t.Fatal(err)
+	}
+	r := c.mustCLI("libvirt", "prepare", "--connect", hostA.URI, "--socket-dir", filepath.Join(c.root, "sa"),
+		"--peer", c.b.listen, "--backup-dir", filepath.Join(c.root, "backup"), vmName)
+	lines := strings.Split(strings.TrimSpace(r.stdout), "\n")
+	t.Logf("prepare: %s", lines[len(lines)-1])
+
+	// Starting it through libvirt is all it takes.
+	start := time.Now()
+	if err := ca.Start(ctx, vmName, false); err != nil {
+		t.Fatalf("start on A: %v\n%s\nhook log:\n%s", err, hostA.QEMULog(vmName), readTail(hookLog, 4000))
+	}
+	sa := c.a.waitState(vmName, agent.StateProtected, 90*time.Second, agent.StateDegraded, agent.StateStopped)
+	t.Logf("protected %v after virsh start: %s", time.Since(start).Round(time.Millisecond), sa.Reason)
+	c.b.waitState(vmName, agent.StateStandby, 10*time.Second)
+	if st, err := cb.State(ctx, vmName); err != nil || st.Code != libvirt.StatePaused {
+		t.Fatalf("standby on B's libvirt: %v %v, want paused", st, err)
+	}
+	if hl := readTail(hookLog, 20000); !strings.Contains(hl, "adopt") || !strings.Contains(hl, "prepare") {
+		t.Errorf("the hook log shows no prepare and adopt:\n%s", hl)
+	}
+	serialA := filepath.Join(hostA.Dir, "log", "qemu", "web-serial.log")
+	serialB := filepath.Join(hostB.Dir, "log", "qemu", "web-serial.log")
+	waitFile(t, ctx, serialA, func(b []byte) bool { return counterlog.LastDiskSeq(b) >= 5 })
+	if sa, err := c.a.status(vmName); err != nil || sa.State != agent.StateProtected || sa.PID == 0 {
+		t.Fatalf("A before the kill: %+v %v", sa, err)
+	}
+
+	// Host A's QEMU dies like its host.
+	before, _ := os.ReadFile(serialA)
+	if err := syscall.Kill(sa.PID, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	sb := c.b.waitState(vmName, agent.StatePromoted, 30*time.Second)
+	t.Logf("promoted on B: %s", sb.Reason)
+	if m := regexp.MustCompile(`resumed epoch \d+ in (\S+); libvirt shows it running (\S+) after`).FindStringSubmatch(sb.Reason); m != nil {
+		t.Logf("promotion: lockstep resume %s, decision → running under libvirt %s", m[1], m[2])
+	} else {
+		t.Errorf("B's reason does not say when libvirt showed the domain running: %q", sb.Reason)
+	}
+	if st, err := cb.State(ctx, vmName); err != nil || st.Code != libvirt.StateRunning {
+		t.Errorf("B's libvirt: %v %v, want running", st, err)
+	}
+	if names, err := cb.Running(ctx); err != nil || !slices.Contains(names, vmName) {
+		t.Errorf("running on B: %v %v", names, err)
+	}
+	for {
+		st, err := ca.State(ctx, vmName)
+		if err == nil && !st.Active() {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("A's libvirt still shows %s: %v %v", vmName, st, err)
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	after := waitFile(t, ctx, serialB, func(b []byte) bool { return counterlog.Last(b) >= counterlog.Last(before)+5 })
+	vals := counterlog.Values(after)
+	if len(vals) == 0 || vals[0] > counterlog.Last(before)+1 {
+		t.Fatalf("B resumed at counter %v, but A had only reached %d", vals[:min(5, len(vals))], counterlog.Last(before))
+	}
+	if _, err := counterlog.Check(vals); err != nil {
+		t.Fatalf("B's counter: %v", err)
+	}
+	// The hook's stop report (a detached worker) makes A's agent forget
+	// the VM.
+	for {
+		_, err := c.a.status(vmName)
+		if err != nil && strings.Contains(err.Error(), "no such VM") {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("A's agent still knows %s after libvirt stopped it: %v\nhook log:\n%s", vmName, err, readTail(hookLog, 4000))
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+func waitFile(t *testing.T, ctx context.Context, path string, ok func([]byte) bool) []byte {
+	t.Helper()
+	for {
+		b, _ := os.ReadFile(path)
+		if ok(b) {
+			return b
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("%s: %v; last %q", path, ctx.Err(), tail(b, 300))
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}

@@ -17,6 +17,7 @@ import (
 
 	"github.com/ftctl/ftctl/internal/diskrec"
 	"github.com/ftctl/ftctl/internal/testenv"
+	"github.com/ftctl/ftctl/pkg/guestimage"
 	"github.com/ftctl/ftctl/pkg/libvirt"
 	"github.com/ftctl/ftctl/pkg/libvirt/domxml"
 	"github.com/ftctl/ftctl/pkg/libvirt/libvirttest"
@@ -38,6 +39,19 @@ type preparedVM struct {
 }
 
 const testMAC = "52:54:00:fe:01:02"
+
+// userDomain is the domain as a user would have it: a plain raw file
+// disk, a bridge NIC, and no <memoryBacking> (protection no longer needs
+// one). libvirt fills in PCI addresses and defaults on define.
+func userDomain(img guestimage.Image, name, image, serial string) string {
+	orig := libvirttest.GuestDomain{
+		Name: name, Kernel: img.Kernel, Initrd: img.Initrd, Serial: serial,
+		Cmdline: img.Cmdline + " ftguest.run=counter,disk ftguest.interval=100ms ftguest.diskinterval=20ms",
+		Devices: "    <disk type='file' device='disk'>\n      <driver name='qemu' type='raw'/>\n      <source file='" + image + "'/>\n      <target dev='vda' bus='virtio'/>\n    </disk>\n" +
+			"    <interface type='bridge'>\n      <mac address='" + testMAC + "'/>\n      <source bridge='br-nonexistent'/>\n      <model type='virtio'/>\n    </interface>\n",
+	}
+	return regexp.MustCompile(`(?s)  <memoryBacking>.*?</memoryBacking>\n`).ReplaceAllString(orig.XML(), "")
+}
 
 func startPrepared(t testing.TB, ctx context.Context, name string) *preparedVM {
 	t.Helper()
@@ -61,17 +75,7 @@ func startPrepared(t testing.TB, ctx context.Context, name string) *preparedVM {
 		t.Fatal(err)
 	}
 
-	// The domain as a user would have it: a plain raw file disk and a
-	// bridge NIC. libvirt fills in PCI addresses and defaults on define.
-	orig := libvirttest.GuestDomain{
-		Name: name, Kernel: img.Kernel, Initrd: img.Initrd, Serial: vm.serial,
-		Cmdline: img.Cmdline + " ftguest.run=counter,disk ftguest.interval=100ms ftguest.diskinterval=20ms",
-		Devices: "    <disk type='file' device='disk'>\n      <driver name='qemu' type='raw'/>\n      <source file='" + vm.image + "'/>\n      <target dev='vda' bus='virtio'/>\n    </disk>\n" +
-			"    <interface type='bridge'>\n      <mac address='" + testMAC + "'/>\n      <source bridge='br-nonexistent'/>\n      <model type='virtio'/>\n    </interface>\n",
-	}
-	x := orig.XML()
-	// Drop the memoryBacking the helper adds, so Prepare has it to do.
-	x = regexp.MustCompile(`(?s)  <memoryBacking>.*?</memoryBacking>\n`).ReplaceAllString(x, "")
+	x := userDomain(img, name, vm.image, vm.serial)
 	if err := c.Define(ctx, x); err != nil {
 		t.Fatal(err)
 	}
@@ -116,9 +120,26 @@ func startPrepared(t testing.TB, ctx context.Context, name string) *preparedVM {
 		}
 	}
 
-	// The agent's stand-ins.
+	vm.frames = standIns(ctx, t, dir, vm.image)
+	if err := c.Start(ctx, name, false); err != nil {
+		t.Fatalf("start: %v\n%s", err, d.QEMULog(name))
+	}
+	t.Cleanup(func() { c.Destroy(context.Background(), name) })
+	vm.qmp, err = qmp.Dial(ctx, "unix", filepath.Join(dir, "qmp.sock"))
+	if err != nil {
+		t.Fatalf("dedicated QMP socket: %v\n%s", err, d.QEMULog(name))
+	}
+	t.Cleanup(func() { vm.qmp.Close() })
+	return vm
+}
+
+// standIns stand in for the agent's devices in dir: qemu-nbd serving the
+// raw image on nbd0.sock, and a listener on nic0.sock that passes the
+// guest's frames to the returned channel.
+func standIns(ctx context.Context, t testing.TB, dir, image string) chan []byte {
+	t.Helper()
 	nbdSock := filepath.Join(dir, "nbd0.sock")
-	nbd := exec.Command("qemu-nbd", "--socket="+nbdSock, "--export-name=disk", "--format=raw", "--persistent", "--cache=none", vm.image)
+	nbd := exec.Command("qemu-nbd", "--socket="+nbdSock, "--export-name=disk", "--format=raw", "--persistent", "--cache=none", image)
 	nbd.Stderr = os.Stderr
 	if err := nbd.Start(); err != nil {
 		t.Fatal(err)
@@ -129,7 +150,7 @@ func startPrepared(t testing.TB, ctx context.Context, name string) *preparedVM {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { ln.Close() })
-	vm.frames = make(chan []byte, 1024)
+	frames := make(chan []byte, 1024)
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() {
@@ -149,24 +170,14 @@ func startPrepared(t testing.TB, ctx context.Context, name string) *preparedVM {
 				return
 			}
 			select {
-			case vm.frames <- f:
+			case frames <- f:
 			default: // the test reads only a few
 			}
 		}
 	}()
 	t.Cleanup(wg.Wait) // after ln.Close and the domain's destroy (cleanups run last-in first)
 	waitFor(ctx, t, "qemu-nbd socket", func() bool { _, err := os.Stat(nbdSock); return err == nil })
-
-	if err := c.Start(ctx, name, false); err != nil {
-		t.Fatalf("start: %v\n%s", err, d.QEMULog(name))
-	}
-	t.Cleanup(func() { c.Destroy(context.Background(), name) })
-	vm.qmp, err = qmp.Dial(ctx, "unix", filepath.Join(dir, "qmp.sock"))
-	if err != nil {
-		t.Fatalf("dedicated QMP socket: %v\n%s", err, d.QEMULog(name))
-	}
-	t.Cleanup(func() { vm.qmp.Close() })
-	return vm
+	return frames
 }
 
 var diskSeqRE = regexp.MustCompile(`ftguest disk seq=(\d+)`)
@@ -180,13 +191,33 @@ func TestLivePreparedDomainRuns(t *testing.T) {
 	if err != nil || st.Status != "running" {
 		t.Fatalf("query-status on the dedicated socket: %+v, %v", st, err)
 	}
+	// Guest RAM is in ftctl's file, not libvirt's backend: QEMU maps
+	// the file the metadata names, and the guest's kernel is in it.
+	var memPath string
+	if err := vm.qmp.Execute(ctx, "qom-get", map[string]any{"path": "/objects/ftmem", "property": "mem-path"}, &memPath); err != nil {
+		t.Fatal(err)
+	}
+	if want := filepath.Join(filepath.Dir(vm.image), "guest.ram"); memPath != want {
+		t.Errorf("ftmem mem-path %q, want %q", memPath, want)
+	}
+	var memdev string
+	if err := vm.qmp.Execute(ctx, "qom-get", map[string]any{"path": "/machine", "property": "memory-backend"}, &memdev); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.HasSuffix(memdev, "ftmem") {
+		t.Errorf("machine memory-backend %q, want ftmem", memdev)
+	}
+	if fi, err := os.Stat(memPath); err != nil || fi.Size() != 128<<20 {
+		t.Errorf("RAM file: %v %v", fi, err)
+	}
+
 	// The live XML is libvirt's view: no <interface> (the NIC is ours),
-	// the NBD disk, the memory backing.
+	// the NBD disk, the RAM file's backend.
 	live, err := c.XML(ctx, vm.name, false)
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, s := range []string{"protocol='nbd'", "<source type='file'/>", "<access mode='shared'/>"} {
+	for _, s := range []string{"protocol='nbd'", "memory-backend-file,id=ftmem,size=128M,mem-path=" + memPath + ",share=on"} {
 		if !strings.Contains(live, s) {
 			t.Errorf("live XML lacks %s", s)
 		}
@@ -248,6 +279,11 @@ func TestLivePreparedDomainRuns(t *testing.T) {
 		lastSeq, _ = strconv.ParseUint(string(m[len(m)-1][1]), 10, 64)
 		return lastSeq >= 10
 	})
+	// The guest has booted: its kernel (decompressed by now) is in the
+	// RAM file.
+	if ram, err := os.ReadFile(memPath); err != nil || !strings.Contains(string(ram), "Linux version") {
+		t.Errorf("the guest kernel is not in the RAM file %s (%v)", memPath, err)
+	}
 	if err := c.Destroy(ctx, vm.name); err != nil {
 		t.Fatal(err)
 	}
@@ -305,5 +341,100 @@ func BenchmarkQMPPath(b *testing.B) {
 			}
 			b.ReportMetric(float64(paths[1].dur)/float64(paths[0].dur), "passthrough/socket")
 		})
+	}
+}
+
+// TestLiveStandbyXML: the definition domxml.Standby makes from a
+// prepared domain is accepted by libvirt, starts paused with QEMU in
+// "inmigrate" on the standby's sockets, mapping the given replica RAM
+// file; and domxml.Promoted of libvirt's stored standby definition is
+// accepted too, as a prepared domain with nothing left to do.
+func TestLiveStandbyXML(t *testing.T) {
+	if _, err := exec.LookPath("qemu-nbd"); err != nil {
+		t.Skip("needs qemu-nbd (install with hack/deps.sh):", err)
+	}
+	ctx := testenv.Deadline(t, 2*time.Minute)
+	img := testenv.Guest(t)
+	d := libvirttest.Start(t, libvirttest.Options{})
+	c := d.Conn(t)
+	dir, err := os.MkdirTemp("", "ftlvs")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	dirA, dirB := filepath.Join(dir, "a"), filepath.Join(dir, "b")
+	for _, p := range []string{dirA, dirB} {
+		if err := os.Mkdir(p, 0o700); err != nil {
+			t.Fatal(err)
+		}
+	}
+	image := filepath.Join(dirB, "replica.img")
+	if err := os.WriteFile(image, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(image, 8<<20); err != nil {
+		t.Fatal(err)
+	}
+	prepared, _, err := domxml.Prepare(userDomain(img, "sb1", filepath.Join(dirA, "disk.img"), filepath.Join(dirB, "serial.log")),
+		domxml.Options{SocketDir: dirA, Peer: "127.0.0.1:7480"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	replica := filepath.Join(dirB, "replica.ram")
+	sb, err := domxml.Standby(prepared, domxml.StandbyOptions{SocketDir: dirB, RAMFile: replica})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Define(ctx, sb); err != nil {
+		t.Fatalf("libvirt refused the standby XML: %v\n%s", err, sb)
+	}
+	standIns(ctx, t, dirB, image)
+	if err := c.Start(ctx, "sb1", true); err != nil {
+		t.Fatalf("start the standby paused: %v\n%s", err, d.QEMULog("sb1"))
+	}
+	t.Cleanup(func() { c.Destroy(context.Background(), "sb1") })
+	if st, err := c.State(ctx, "sb1"); err != nil || st.Code != libvirt.StatePaused {
+		t.Errorf("standby is %v (%v), want paused", st, err)
+	}
+	q, err := qmp.Dial(ctx, "unix", filepath.Join(dirB, "qmp.sock"))
+	if err != nil {
+		t.Fatalf("standby's QMP socket: %v\n%s", err, d.QEMULog("sb1"))
+	}
+	defer q.Close()
+	if st, err := q.QueryStatus(ctx); err != nil || st.Status != "inmigrate" {
+		t.Errorf("standby QEMU status %+v %v, want inmigrate", st, err)
+	}
+	var memPath string
+	if err := q.Execute(ctx, "qom-get", map[string]any{"path": "/objects/ftmem", "property": "mem-path"}, &memPath); err != nil {
+		t.Fatal(err)
+	}
+	if memPath != replica {
+		t.Errorf("standby maps %q, want the replica %q", memPath, replica)
+	}
+	if fi, err := os.Stat(replica); err != nil || fi.Size() != 128<<20 {
+		t.Errorf("replica RAM file: %v %v", fi, err)
+	}
+
+	// The standby's stored definition, as the agent reads it back.
+	stored, err := c.XML(ctx, "sb1", true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pr, err := domxml.Promoted(stored, []string{image})
+	if err != nil {
+		t.Fatalf("Promoted of libvirt's stored standby: %v\n%s", err, stored)
+	}
+	if err := c.Define(ctx, pr); err != nil {
+		t.Fatalf("libvirt refused the promoted XML: %v\n%s", err, pr)
+	}
+	stored, err = c.XML(ctx, "sb1", true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(stored, "-incoming") || strings.Contains(stored, "role=") {
+		t.Errorf("promoted definition still a standby:\n%s", stored)
+	}
+	if again, diff, err := domxml.Prepare(stored, domxml.Options{SocketDir: dirB}); err != nil || diff != "" || again != stored {
+		t.Errorf("promoted definition is not a prepared domain (%v):\n%s", err, diff)
 	}
 }

@@ -414,7 +414,8 @@ func (a *Agent) DomainStopped(ctx context.Context, name string) error {
 	// vm-lost) before the devices go.
 	for range 100 {
 		g.mu.Lock()
-		done := (g.state == StateStopped || g.state == StateHandedOver) && g.prot == nil
+		// A handover keeps its (finished) protection in g.prot.
+		done := g.state == StateHandedOver || (g.state == StateStopped && g.prot == nil)
 		g.mu.Unlock()
 		if done {
 			break

@@ -325,3 +325,81 @@ func TestLibvirtDomainShutdown(t *testing.T) {
 		t.Errorf("A still knows web after DomainStopped: %v", err)
 	}
 }
+
+// TestLibvirtDomainSwitchover: a planned failover of a protected libvirt
+// domain: B's standby domain takes over with no gap in the counter, A's
+// agent stops A's domain through A's libvirt, and stopping the VM on B
+// stops B's libvirt domain.
+func TestLibvirtDomainSwitchover(t *testing.T) {
+	testenv.Guest(t)
+	hostA := libvirttest.Start(t, libvirttest.Options{})
+	hostB := libvirttest.Start(t, libvirttest.Options{})
+	ca, cb := hostA.Conn(t), hostB.Conn(t)
+	ctx := testenv.Deadline(t, 120*time.Second)
+	wca, err := wire.NewCA("test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	A := newLibvirtHost(t, wca, "host-a", hostA.Socket)
+	B := newLibvirtHost(t, wca, "host-b", hostB.Socket)
+	dir, err := os.MkdirTemp("", "ftlvd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	disk := filepath.Join(dir, "disk.raw")
+	os.WriteFile(disk, nil, 0o600)
+	os.Truncate(disk, 16<<20)
+	prepared := preparedGuest(t, filepath.Join(dir, "a"), disk)
+	if err := ca.Define(ctx, prepared); err != nil {
+		t.Fatal(err)
+	}
+	if err := A.c.PrepareDomain(ctx, "web", []byte(prepared)); err != nil {
+		t.Fatal(err)
+	}
+	if err := ca.Start(ctx, "web", false); err != nil {
+		t.Fatalf("start on A: %v\n%s", err, hostA.QEMULog("web"))
+	}
+	live, err := ca.XML(ctx, "web", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := A.c.AdoptDomain(ctx, "web", []byte(live), B.a.PeerAddr()); err != nil {
+		t.Fatal(err)
+	}
+	A.waitState(t, ctx, "web", agent.StateProtected)
+	B.waitState(t, ctx, "web", agent.StateStandby)
+	readSerial(t, ctx, serialOf(hostA), func(b []byte) bool { return counterlog.Last(b) >= 10 })
+
+	res, err := A.c.Failover(ctx, "web")
+	if err != nil {
+		t.Fatal(err)
+	}
+	atHandover, _ := os.ReadFile(serialOf(hostA))
+	sb := B.waitState(t, ctx, "web", agent.StatePromoted)
+	t.Logf("handed over at epoch %d; B: %s", res.Epoch, sb.Reason)
+	waitLibvirt(t, ctx, ca, "A's libvirt to show web shut off", func(s libvirt.State, err error) bool { return err == nil && !s.Active() })
+	if st, err := cb.State(ctx, "web"); err != nil || st.Code != libvirt.StateRunning {
+		t.Fatalf("B's libvirt after the switchover: %v %v", st, err)
+	}
+	after := readSerial(t, ctx, serialOf(hostB), func(b []byte) bool { return counterlog.Last(b) >= counterlog.Last(atHandover)+5 })
+	if _, err := counterlog.Check(counterlog.Values(counterlog.Stitch(atHandover, after))); err != nil {
+		t.Fatalf("counter across the switchover: %v", err)
+	}
+	if err := A.c.DomainStopped(ctx, "web"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := A.c.Get(ctx, "web"); !errors.Is(err, agent.ErrNotFound) {
+		t.Errorf("A still knows web after DomainStopped: %v", err)
+	}
+
+	// The VM is B's now: stopping it stops B's libvirt domain, which
+	// stays defined (promoted) for its next start.
+	if err := B.c.Stop(ctx, "web"); err != nil {
+		t.Fatal(err)
+	}
+	waitLibvirt(t, ctx, cb, "B's libvirt to show web shut off", func(s libvirt.State, err error) bool { return err == nil && !s.Active() })
+	if x, err := cb.XML(ctx, "web", true); err != nil || strings.Contains(x, "role=") {
+		t.Errorf("B's definition after stop: %v\n%s", err, x)
+	}
+}

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -40,6 +41,7 @@ type libvirtMachine struct {
 
 	exited   chan struct{}
 	shutdown atomic.Bool // QEMU announced SHUTDOWN before its monitor closed
+	closing  atomic.Bool // Close let go of a QEMU that runs on
 	once     sync.Once
 }
 
@@ -71,9 +73,45 @@ func dialLibvirtMachine(ctx context.Context, domain, qmpSocket, ramFile, serial,
 		for range events {
 			m.shutdown.Store(true)
 		}
+		m.settle()
 		close(m.exited)
 	}()
 	return m, nil
+}
+
+// settle runs once the monitor has closed: normally because QEMU exited.
+// A QEMU that outlives its monitor (a broken socket, not our own Close)
+// is killed, so that "exited" is true when the agent acts on it: a
+// secondary told to take over must never run next to a QEMU still alive
+// here.
+func (m *libvirtMachine) settle() {
+	if m.closing.Load() {
+		return
+	}
+	for range 200 { // 2s for an exiting QEMU to be gone
+		if !processAlive(m.pid) {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	syscall.Kill(m.pid, syscall.SIGKILL)
+	for range 500 {
+		if !processAlive(m.pid) {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// processAlive says whether pid exists and has not exited (a zombie has:
+// libvirtd, its parent, reaps it in its own time).
+func processAlive(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	i := bytes.LastIndexByte(b, ')')
+	return i < 0 || i+2 >= len(b) || b[i+2] != 'Z'
 }
 
 // peerPID is the pid of the process at the other end of a unix socket.
@@ -189,6 +227,7 @@ func (m *libvirtMachine) Close() error {
 		if m.owned.Load() && m.lv != nil {
 			err = m.dropDomain()
 		}
+		m.closing.Store(true)
 		m.qmp.Close()
 	})
 	return err

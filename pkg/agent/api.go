@@ -23,6 +23,9 @@ import (
 //	POST   /v1/vms/{name}/unpair   stop protecting it
 //	DELETE /v1/vms/{name}          shut it down
 //	GET    /v1/vms/{name}/serial   its serial console so far
+//	POST   /v1/domains/{name}/prepare  libvirt domain about to start: open its devices
+//	POST   /v1/domains/{name}/adopt    libvirt domain started: take it, pair it
+//	POST   /v1/domains/{name}/stopped  libvirt domain stopped: let it go
 
 // StartRequest asks the agent to run a VM.
 type StartRequest struct {

@@ -61,11 +61,20 @@ func TestLibvirtHook(t *testing.T) {
 	if err := os.Truncate(disk, 16<<20); err != nil {
 		t.Fatal(err)
 	}
+	addr, err := c.bed.VMAddr(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mac, err := c.bed.VMMAC(0)
+	if err != nil {
+		t.Fatal(err)
+	}
 	const serialInDaemon = "/var/log/libvirt/qemu/web-serial.log" // each daemon's own
 	dom := libvirttest.GuestDomain{
 		Name: vmName, Kernel: img.Kernel, Initrd: img.Initrd, Serial: serialInDaemon,
-		Cmdline: img.Cmdline + " ftguest.run=counter,disk ftguest.interval=50ms ftguest.diskinterval=50ms",
-		Devices: fmt.Sprintf("    <disk type='file' device='disk'>\n      <driver name='qemu' type='raw'/>\n      <source file='%s'/>\n      <target dev='vda' bus='virtio'/>\n    </disk>\n", disk),
+		Cmdline: img.Cmdline + " ftguest.run=counter,disk,tcp ftguest.interval=50ms ftguest.diskinterval=50ms ftguest.ip=" + addr.String(),
+		Devices: fmt.Sprintf("    <disk type='file' device='disk'>\n      <driver name='qemu' type='raw'/>\n      <source file='%s'/>\n      <target dev='vda' bus='virtio'/>\n    </disk>\n", disk) +
+			fmt.Sprintf("    <interface type='ethernet'>\n      <mac address='%s'/>\n      <model type='virtio'/>\n    </interface>\n", mac),
 	}
 	if err := ca.Define(ctx, dom.XML()); err != nil {
 		t.Fatal(err)
@@ -91,7 +100,22 @@ func TestLibvirtHook(t *testing.T) {
 	}
 	serialA := filepath.Join(hostA.Dir, "log", "qemu", "web-serial.log")
 	serialB := filepath.Join(hostB.Dir, "log", "qemu", "web-serial.log")
-	waitFile(t, ctx, serialA, func(b []byte) bool { return counterlog.LastDiskSeq(b) >= 5 })
+	waitFile(t, ctx, serialA, func(b []byte) bool {
+		return counterlog.LastDiskSeq(b) >= 5 && strings.Contains(string(b), "ftguest tcp listening")
+	})
+	// A client on the LAN talks to the VM's TCP service through A's
+	// output buffer.
+	vc := newVMClient(t, c)
+	if _, d, err := vc.shortUntil(ctx, 30*time.Second); err != nil {
+		t.Fatal(err)
+	} else {
+		t.Logf("the VM's service answers through A (%v)", d.Round(time.Millisecond))
+	}
+	for range 3 {
+		if _, err := vc.short(ctx, 5*time.Second); err != nil {
+			t.Fatal(err)
+		}
+	}
 	if sa, err := c.a.status(vmName); err != nil || sa.State != agent.StateProtected || sa.PID == 0 {
 		t.Fatalf("A before the kill: %+v %v", sa, err)
 	}
@@ -133,6 +157,13 @@ func TestLibvirtHook(t *testing.T) {
 	if _, err := counterlog.Check(vals); err != nil {
 		t.Fatalf("B's counter: %v", err)
 	}
+	// The same client reaches the VM on B (announce-self moved its MAC).
+	if _, d, err := vc.shortUntil(ctx, 60*time.Second); err != nil {
+		t.Fatal(err)
+	} else {
+		t.Logf("the VM's service answers on B %v after the promotion", d.Round(time.Millisecond))
+	}
+	vc.checkLedger(t)
 	// The hook's stop report (a detached worker) makes A's agent forget
 	// the VM.
 	for {

@@ -27,21 +27,22 @@
 // and libvirt's own monitor keep working afterwards. Guest RAM: libvirt
 // names the file of its own backend (memory_backing_dir/<id>-<name>/pc.ram,
 // the id known only after start; qemu.conf's memory_backing_dir moves
-// only the directory), so either the committed RAM is written into that
-// file after the standby starts (the agent learns the path with qom-get
-// /objects/pc.ram mem-path), or both hosts' domains carry
+// only the directory), so copying the committed RAM into that file at
+// failover would be the only way to use it. ftctl does not: domxml.Prepare
+// gives the domain, through <qemu:commandline>,
 //
 //	<qemu:arg value='-object'/>
 //	<qemu:arg value='memory-backend-file,id=ftmem,size=SIZE,mem-path=FILE,share=on'/>
 //	<qemu:arg value='-machine'/>
 //	<qemu:arg value='memory-backend=ftmem'/>
 //
-// which QEMU merges over libvirt's -machine option: the guest then runs
-// on FILE (the replica file on B, nothing copied at failover) and
-// libvirt's own pc.ram backend stays allocated but unused and unmigrated.
-// The backend id names the RAM block in the migration stream, so the
-// primary must use the same id; a second backend named pc.ram would
-// clash with libvirt's.
+// which QEMU merges over libvirt's -machine option: the guest runs on FILE
+// (the agent's, under its run directory; the replica file on B, so
+// nothing is copied at failover) and libvirt's own pc.ram backend stays
+// allocated but untouched and unmigrated. The backend id names the RAM
+// block in the migration stream, so primary and standby use the same id;
+// a second backend named pc.ram would clash with libvirt's. Both ways are
+// exercised by TestLiveStandbyDomain.
 //
 // Measured (BenchmarkQMPPath, libvirt 9.0 + QEMU 7.2 under TCG, same
 // domain, same run, a loaded 2-core machine): query-status 5.0 ms through

@@ -281,6 +281,7 @@ func (a *Agent) servePeer(ctx context.Context, c wire.Conn) {
 		c.Close()
 		return
 	}
+	go r.watchStandby()
 	a.mu.Lock()
 	a.busy--
 	a.mu.Unlock()

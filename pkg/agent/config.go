@@ -79,9 +79,11 @@ type Config struct {
 	Libvirt string
 
 	// ShimCommand, if set, is the command (argv) that starts a VM's shim;
-	// the agent appends "--vm NAME". Each VM this host runs as primary
-	// then lives in its own shim process and survives an agent restart
-	// (see shim.go). Empty: VMs run inside the agent process.
+	// the agent appends "--vm NAME", and "--role secondary" for a
+	// replica. Each VM this host runs as primary, and each replica it
+	// keeps, then lives in its own shim process and survives an agent
+	// restart (see shim.go). Empty: VMs and replicas run inside the agent
+	// process.
 	ShimCommand []string
 
 	Logger *slog.Logger

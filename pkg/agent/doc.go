@@ -28,10 +28,12 @@
 // renew it, and the secondary's arbiter asks the witness when the LAN probe
 // cannot decide.
 //
-// With Config.ShimCommand (ftctl agent --shims), each
-// VM this host runs as primary lives in a shim process of its own (shim.go)
-// that survives the agent: an agent restart, even kill -9, neither stops
-// the guest nor interrupts its protection, and the restarted agent finds
-// the shims again from the VM records on disk. Replicas still live in the
-// agent: its death loses them, and their primaries degrade and re-pair.
+// With Config.ShimCommand (ftctl agent --shims), each VM this host runs
+// as primary, and each replica it keeps for a peer, lives in a shim process
+// of its own (shim.go) that survives the agent: an agent restart, even
+// kill -9, on either host neither stops a guest nor interrupts its
+// protection, and the restarted agent finds the shims again from the VM
+// records on disk. A protect request reaching such an agent is redirected
+// to the VM's replica shim, which has a peer listener of its own; the
+// primary remembers where (shimroute.go).
 package agent

@@ -137,6 +137,30 @@ func (r *replicaVM) attach(c *watchedConn, reason string) bool {
 	return true
 }
 
+// watchStandby drops the replica when its standby QEMU dies while it
+// protects: without a standby it could not take over, and the primary
+// must not believe itself protected. Its link ends with it, so the
+// primary degrades and pairs again (with a new replica and standby). It
+// returns once the pairing has ended (r.done).
+func (r *replicaVM) watchStandby() {
+	if r.standby == nil {
+		return
+	}
+	select {
+	case <-r.standby.Exited():
+	case <-r.done:
+		return
+	}
+	r.mu.Lock()
+	st := r.state
+	r.mu.Unlock()
+	if st != StateStandby {
+		return
+	}
+	r.a.log.Warn("standby QEMU exited; dropping the replica", "vm", r.name, "peer", r.peer, "qemu", r.standby.Stderr())
+	r.a.dropReplica(r)
+}
+
 // link is the replica's replication link (nil before attach).
 func (r *replicaVM) link() *watchedConn {
 	r.mu.Lock()

@@ -165,6 +165,13 @@ func (a *Agent) startShimProc(ctx context.Context, name string, role Role) (*shi
 	if err := os.MkdirAll(filepath.Dir(sock), 0o700); err != nil {
 		return nil, err
 	}
+	// The VM's previous shim (told to stop, or whose replica was dropped)
+	// exits a moment later; a new one must not take its socket before:
+	// requests would reach the old one, and its exit would unlink the new
+	// one's socket.
+	if err := awaitShimGone(ctx, sock, 10*time.Second); err != nil {
+		return nil, fmt.Errorf("%w: %s: %w", ErrState, name, err)
+	}
 	logf, err := os.OpenFile(ShimLog(a.cfg.RunDir, name), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("shim log: %w", err)
@@ -186,7 +193,7 @@ func (a *Agent) startShimProc(ctx context.Context, name string, role Role) (*shi
 	sp := &shimProc{name: name, socket: sock, c: NewClient(sock), exited: make(chan struct{}), role: role}
 	sp.kill = cmd.Process.Kill
 	go func() { cmd.Wait(); close(sp.exited) }()
-	if err := sp.waitReady(ctx, 15*time.Second); err != nil {
+	if err := sp.waitReady(ctx, cmd.Process.Pid, 15*time.Second); err != nil {
 		cmd.Process.Kill()
 		<-sp.exited
 		return nil, fmt.Errorf("shim for %s: %w; its log: %s", name, err, tailFile(ShimLog(a.cfg.RunDir, name), 2000))
@@ -195,6 +202,32 @@ func (a *Agent) startShimProc(ctx context.Context, name string, role Role) (*shi
 	a.shims[name] = sp
 	a.mu.Unlock()
 	return sp, nil
+}
+
+// awaitShimGone waits until no shim answers on sock (gone, or never
+// there), for at most wait.
+func awaitShimGone(ctx context.Context, sock string, wait time.Duration) error {
+	ctx, cancel := context.WithTimeout(ctx, wait)
+	defer cancel()
+	c := NewClient(sock)
+	for {
+		if _, err := os.Stat(sock); errors.Is(err, os.ErrNotExist) {
+			return nil
+		}
+		rctx, rcancel := context.WithTimeout(ctx, time.Second)
+		info, err := c.ShimInfo(rctx)
+		rcancel()
+		if err != nil {
+			// Dead and its socket stale, or wedged: the socket is free to
+			// take.
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("its previous shim (pid %d) still runs on %s", info.PID, sock)
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
 }
 
 // killShim ends a shim this agent just started and that failed its first
@@ -288,16 +321,20 @@ func (a *Agent) replicaShimAddr(ctx context.Context, m message) (string, error) 
 	return info.PeerAddr, nil
 }
 
-// waitReady polls the shim's control socket until it answers.
-func (sp *shimProc) waitReady(ctx context.Context, wait time.Duration) error {
+// waitReady polls the shim's control socket until the shim with pid
+// answers there.
+func (sp *shimProc) waitReady(ctx context.Context, pid int, wait time.Duration) error {
 	ctx, cancel := context.WithTimeout(ctx, wait)
 	defer cancel()
 	for {
 		rctx, rcancel := context.WithTimeout(ctx, time.Second)
-		_, err := sp.c.List(rctx)
+		info, err := sp.c.ShimInfo(rctx)
 		rcancel()
-		if err == nil {
+		if err == nil && info.PID == pid {
 			return nil
+		}
+		if err == nil {
+			err = fmt.Errorf("shim %d answers there", info.PID)
 		}
 		select {
 		case <-sp.exited:

@@ -170,14 +170,16 @@ func TestSecondaryAgentRestartKeepsReplica(t *testing.T) {
 	}
 	A.waitState(t, ctx, "web", agent.StateProtected)
 	sb := waitStateOf(t, ctx, B.c, "web", agent.StateStandby)
+	var leftover []int
 	t.Cleanup(func() {
 		// Only matters when the test failed before stopping the VM.
-		for _, pid := range []int{sb.ShimPID, sb.PID} {
+		for _, pid := range leftover {
 			if pid > 0 && !isZombie(pid) {
 				syscall.Kill(pid, syscall.SIGKILL)
 			}
 		}
 	})
+	leftover = append(leftover, sb.ShimPID, sb.PID)
 	if sb.Role != agent.RoleSecondary || sb.ShimPID == 0 || sb.ShimPID == B.cmd.Process.Pid || sb.PID == 0 {
 		t.Fatalf("B's replica should live in a shim of its own with its standby: %+v (agent pid %d)", sb, B.cmd.Process.Pid)
 	}
@@ -228,6 +230,30 @@ func TestSecondaryAgentRestartKeepsReplica(t *testing.T) {
 	list, err := B.c.List(ctx)
 	if err != nil || len(list) != 1 || list[0].Name != "web" {
 		t.Fatalf("B's agent lists %+v, %v", list, err)
+	}
+
+	// B's replica shim dies with its standby: A degrades and pairs again
+	// by itself. The shim it remembers is gone, so it asks B's agent,
+	// which starts a new replica shim.
+	syscall.Kill(sb.ShimPID, syscall.SIGKILL)
+	syscall.Kill(sb.PID, syscall.SIGKILL)
+	for {
+		s, err := A.c.Get(ctx, "web")
+		if err == nil && s.State == agent.StateProtected && s.Since.After(before.Since) {
+			t.Logf("A protected again after B's replica shim died: %s", s.Reason)
+			break
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("A never re-paired after B's replica shim died: %+v, %v", s, err)
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	old := sb
+	sb = waitStateOf(t, ctx, B.c, "web", agent.StateStandby)
+	leftover = append(leftover, sb.ShimPID, sb.PID)
+	if sb.ShimPID == old.ShimPID || sb.ShimPID == 0 || sb.PID == old.PID {
+		t.Fatalf("B's new replica: %+v; the dead shim was %d", sb, old.ShimPID)
 	}
 
 	// A's host fails: B's replica shim takes over and the VM runs there.

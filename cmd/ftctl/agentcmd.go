@@ -135,7 +135,7 @@ func agentFlags() []cli.Flag {
 		&cli.DurationFlag{Name: "witness-wait", Value: agent.DefaultWitnessWait, Usage: "how long a secondary keeps asking the witness while the primary holds the lease"},
 		&cli.StringFlag{Name: "libvirt", Usage: "this host's libvirtd (`URI` or socket path, as for ftctl libvirt --connect): standbys of peers' libvirt domains become libvirt domains here"},
 		&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error"},
-		&cli.BoolFlag{Name: "shims", Sources: cli.EnvVars("FTCTL_SHIMS"), Usage: "run each VM in a process of its own (ftctl shim) that outlives an agent restart; RUN-DIR/vms/VM.shim.log is its log (not yet the default: the e2e suite has not passed with it)"},
+		&cli.BoolFlag{Name: "shims", Sources: cli.EnvVars("FTCTL_SHIMS"), Usage: "run each VM in a process of its own (ftctl shim) that outlives an agent restart, and each replica kept for a peer too; RUN-DIR/vms/VM.shim.log is its log (not yet the default)"},
 	}
 }
 

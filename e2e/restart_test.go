@@ -4,6 +4,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"path/filepath"
+	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -32,7 +34,7 @@ import (
 func TestAgentRestart(t *testing.T) {
 	c, vc := protectedVMWith(t, func(c *cluster) {
 		for _, p := range []*agentProc{c.a, c.b} {
-			p.extra = append(p.extra, "--shims")
+			p.extra = append(p.extra, "--shims", "--shim-ports", shimPorts)
 		}
 	})
 	before, err := c.a.status(vmName)
@@ -99,6 +101,14 @@ func TestAgentRestart(t *testing.T) {
 	if sb.Role != agent.RoleSecondary || sb.State != agent.StateStandby || sb.ShimPID == 0 || sb.ShimPID == c.b.cmd.Process.Pid {
 		t.Fatalf("B's replica should live in a shim of its own: %+v", sb)
 	}
+	// Its replication listener is on a port of --shim-ports.
+	m := regexp.MustCompile(`started a replica shim".* addr=\S+:(\d+)`).FindStringSubmatch(readTail(c.b.log, 100000))
+	if m == nil {
+		t.Fatalf("B's agent did not log its replica shim's address:\n%s", readTail(c.b.log, 2000))
+	}
+	if port, _ := strconv.Atoi(m[1]); port < shimPortLow || port > shimPortHigh {
+		t.Fatalf("B's replica shim listens on port %d, outside --shim-ports %s", port, shimPorts)
+	}
 	c.b.kill()
 	for i := 0; i < 3; i++ {
 		if _, err := vc.onLong(30 * time.Second); err != nil {
@@ -162,6 +172,12 @@ func TestAgentRestart(t *testing.T) {
 	vc.checkLedger(t)
 	c.a.stopAndVerifyDisk(filepath.Join(c.root, "disk.raw"), false)
 }
+
+// The ports replica shims listen on in TestAgentRestart.
+const (
+	shimPortLow, shimPortHigh = 7490, 7499
+	shimPorts                 = "7490-7499"
+)
 
 // statusAt is `ftctl status --json` of VM name on the control socket sock
 // (an agent's or a shim's).

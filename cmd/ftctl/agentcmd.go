@@ -135,6 +135,7 @@ func agentFlags() []cli.Flag {
 		&cli.DurationFlag{Name: "witness-wait", Value: agent.DefaultWitnessWait, Usage: "how long a secondary keeps asking the witness while the primary holds the lease"},
 		&cli.StringFlag{Name: "libvirt", Usage: "this host's libvirtd (`URI` or socket path, as for ftctl libvirt --connect): standbys of peers' libvirt domains become libvirt domains here"},
 		&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error"},
+		&cli.StringFlag{Name: "shim-ports", Usage: "with --shims, the `LOW-HIGH` ports replica shims listen on (on the --listen host; default: any free port), for a firewall that must name them"},
 		&cli.BoolFlag{Name: "shims", Sources: cli.EnvVars("FTCTL_SHIMS"), Usage: "run each VM in a process of its own (ftctl shim) that outlives an agent restart, and each replica kept for a peer too; RUN-DIR/vms/VM.shim.log is its log (not yet the default)"},
 	}
 }
@@ -155,6 +156,13 @@ func agentConfig(cmd *cli.Command) (agent.Config, error) {
 	}
 	if err := cfg.Policy.WithDefaults().Validate(); err != nil {
 		return cfg, cli.Exit(err.Error(), 2)
+	}
+	if v := cmd.String("shim-ports"); v != "" {
+		r, err := agent.ParsePortRange(v)
+		if err != nil {
+			return cfg, cli.Exit("--shim-ports: "+err.Error(), 2)
+		}
+		cfg.ShimPorts = r
 	}
 	kind, err := memsync.ParseKind(cmd.String("tracker"))
 	if err != nil {

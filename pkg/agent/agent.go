@@ -149,7 +149,7 @@ func (a *Agent) listen(ctx context.Context) error {
 	a.ctl = ln
 	a.srv = &http.Server{Handler: a.routes(), ReadHeaderTimeout: 10 * time.Second}
 	if a.cfg.PeerAddr != "" {
-		pl, err := wire.Listen(ctx, a.cfg.PeerAddr, a.cfg.Credentials)
+		pl, err := a.listenPeer(ctx)
 		if err != nil {
 			ln.Close()
 			return fmt.Errorf("peer listener on %s: %w", a.cfg.PeerAddr, err)

@@ -85,6 +85,10 @@ type Config struct {
 	// restart (see shim.go). Empty: VMs and replicas run inside the agent
 	// process.
 	ShimCommand []string
+	// ShimPorts, if set, is the range of ports replica shims listen on
+	// (on PeerAddr's host), for firewalls that must name them; zero: a
+	// port the system picks.
+	ShimPorts PortRange
 
 	Logger *slog.Logger
 }
@@ -146,6 +150,9 @@ func (c Config) withDefaults() (Config, error) {
 		if len(c.MgmtKey) < failover.MinKeyLen {
 			return c, fmt.Errorf("%w: management heartbeats need a key of at least %d bytes (--mgmt-key-file, or --psk-file to derive one)", ErrBadRequest, failover.MinKeyLen)
 		}
+	}
+	if err := c.ShimPorts.check(); err != nil {
+		return c, fmt.Errorf("%w: shim ports: %v", ErrBadRequest, err)
 	}
 	if c.PeerAddr != "" && c.Credentials == nil {
 		return c, fmt.Errorf("%w: a peer listener needs credentials (ftctl cert)", ErrBadRequest)

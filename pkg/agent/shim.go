@@ -35,16 +35,19 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
 	"time"
 
+	"github.com/ftctl/ftctl/pkg/lockstep/wire"
 	"github.com/ftctl/ftctl/pkg/vm"
 )
 
@@ -202,6 +205,66 @@ func (a *Agent) startShimProc(ctx context.Context, name string, role Role) (*shi
 	a.shims[name] = sp
 	a.mu.Unlock()
 	return sp, nil
+}
+
+// PortRange is an inclusive range of TCP ports; the zero value is none.
+type PortRange struct{ Low, High int }
+
+// ParsePortRange parses "LOW-HIGH" (or one port).
+func ParsePortRange(s string) (PortRange, error) {
+	lo, hi, found := strings.Cut(s, "-")
+	if !found {
+		hi = lo
+	}
+	var r PortRange
+	var err1, err2 error
+	r.Low, err1 = strconv.Atoi(strings.TrimSpace(lo))
+	r.High, err2 = strconv.Atoi(strings.TrimSpace(hi))
+	if err1 != nil || err2 != nil {
+		return PortRange{}, fmt.Errorf("%w: port range %q: want LOW-HIGH", ErrBadRequest, s)
+	}
+	if err := r.check(); err != nil {
+		return PortRange{}, fmt.Errorf("%w: port range %q: %v", ErrBadRequest, s, err)
+	}
+	return r, nil
+}
+
+func (r PortRange) String() string { return fmt.Sprintf("%d-%d", r.Low, r.High) }
+
+func (r PortRange) check() error {
+	if r == (PortRange{}) {
+		return nil
+	}
+	if r.Low < 1 || r.High > 65535 || r.Low > r.High {
+		return fmt.Errorf("%d-%d is not a range of ports within 1-65535", r.Low, r.High)
+	}
+	return nil
+}
+
+// listenPeer opens the peer listener: on Config.PeerAddr, or, for a
+// replica shim with Config.ShimPorts, on the first free port of the range
+// (from a random start, so that shims starting together rarely race for
+// the same port).
+func (a *Agent) listenPeer(ctx context.Context) (*wire.Listener, error) {
+	r := a.cfg.ShimPorts
+	if a.shimOf == "" || r == (PortRange{}) {
+		return wire.Listen(ctx, a.cfg.PeerAddr, a.cfg.Credentials)
+	}
+	host, _, err := net.SplitHostPort(a.cfg.PeerAddr)
+	if err != nil {
+		return nil, fmt.Errorf("%w: peer address %q: %v", ErrBadRequest, a.cfg.PeerAddr, err)
+	}
+	n := r.High - r.Low + 1
+	start := rand.IntN(n)
+	var last error
+	for i := range n {
+		l, err := wire.Listen(ctx, net.JoinHostPort(host, strconv.Itoa(r.Low+(start+i)%n)), a.cfg.Credentials)
+		if err == nil {
+			return l, nil
+		}
+		last = err
+	}
+	return nil, fmt.Errorf("no free port in %v on %s (--shim-ports): %w", r, host, last)
 }
 
 // awaitShimGone waits until no shim answers on sock (gone, or never
@@ -414,8 +477,8 @@ func (a *Agent) dropShim(sp *shimProc) {
 // server on the agent's management host. In role RolePrimary (or "") it
 // runs a VM the agent starts in it, with no peer listener; in role
 // RoleSecondary it keeps the VM's replica for a peer, on a peer listener of
-// its own on cfg.PeerAddr's host (the port is chosen by the system and
-// reported by GET /v1/shim). It returns when ctx ends or once its VM is
+// its own on cfg.PeerAddr's host (a port of cfg.ShimPorts, or one the
+// system picks; GET /v1/shim reports it). It returns when ctx ends or once its VM is
 // gone; the VM's QEMU does not stop with it.
 func RunShim(ctx context.Context, cfg Config, name string, role Role) error {
 	if err := checkShimName(name); err != nil {

@@ -2,7 +2,10 @@ package agent
 
 import (
 	"context"
+	"errors"
+	"net"
 	"path/filepath"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -178,5 +181,72 @@ func TestAskReplicaFollowsAndRemembersRedirects(t *testing.T) {
 	}
 	if _, _, err := a.askReplica(ctx, l, "web", peer, message{Op: opVMLost, VM: "web"}, 5*time.Second); err == nil {
 		t.Fatal("an endless redirect loop succeeded")
+	}
+}
+
+func TestParsePortRange(t *testing.T) {
+	for in, want := range map[string]PortRange{"7490-7599": {7490, 7599}, "7490": {7490, 7490}, " 1 - 65535 ": {1, 65535}} {
+		if got, err := ParsePortRange(in); err != nil || got != want {
+			t.Errorf("ParsePortRange(%q) = %v, %v; want %v", in, got, err, want)
+		}
+	}
+	for _, in := range []string{"", "-", "a-b", "9-3", "0-10", "65000-70000", "1-2-3"} {
+		if got, err := ParsePortRange(in); !errors.Is(err, ErrBadRequest) {
+			t.Errorf("ParsePortRange(%q) = %v, %v; want ErrBadRequest", in, got, err)
+		}
+	}
+}
+
+// TestShimPeerPorts: a replica shim's listener takes a free port of
+// Config.ShimPorts, and says so when none is free.
+func TestShimPeerPorts(t *testing.T) {
+	ca, err := wire.NewCA("test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, key, err := ca.Issue("host-b", []string{"127.0.0.1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	creds, err := wire.CredentialsFromPEM(ca.CertPEM(), cert, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A port the system just handed out, most likely still free.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := ln.Addr().(*net.TCPAddr).Port
+	ln.Close()
+	shim := func(r PortRange) *Agent {
+		dir := t.TempDir()
+		a, err := New(Config{Name: "host-b", StateDir: filepath.Join(dir, "s"), RunDir: filepath.Join(dir, "r"), RAMDir: dir,
+			Credentials: creds, PeerAddr: "127.0.0.1:7480", ShimPorts: r})
+		if err != nil {
+			t.Fatal(err)
+		}
+		a.shimOf = "web"
+		return a
+	}
+	ctx := context.Background()
+	r := PortRange{port, port}
+	l, err := shim(r).listenPeer(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	if got := l.Addr().(*net.TCPAddr).Port; got != port {
+		t.Fatalf("listening on port %d, want %d (of %v)", got, port, r)
+	}
+	// Every port of the range taken: a clear error naming it.
+	if l2, err := shim(r).listenPeer(ctx); err == nil {
+		l2.Close()
+		t.Fatalf("listened on %v although every port of %v was taken", l2.Addr(), r)
+	} else if !strings.Contains(err.Error(), r.String()) {
+		t.Fatalf("error does not name the range: %v", err)
+	}
+	if _, err := New(Config{Name: "x", StateDir: t.TempDir(), RunDir: t.TempDir(), RAMDir: t.TempDir(), ShimPorts: PortRange{5, 1}}); !errors.Is(err, ErrBadRequest) {
+		t.Fatalf("a reversed range was accepted: %v", err)
 	}
 }

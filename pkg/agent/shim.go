@@ -31,6 +31,7 @@ package agent
 // when the shim no longer answers there.
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -175,6 +176,9 @@ func (a *Agent) startShimProc(ctx context.Context, name string, role Role) (*shi
 	if err := awaitShimGone(ctx, sock, 10*time.Second); err != nil {
 		return nil, fmt.Errorf("%w: %s: %w", ErrState, name, err)
 	}
+	if role == RoleSecondary {
+		a.killOrphanStandbys(name)
+	}
 	logf, err := os.OpenFile(ShimLog(a.cfg.RunDir, name), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("shim log: %w", err)
@@ -265,6 +269,35 @@ func (a *Agent) listenPeer(ctx context.Context) (*wire.Listener, error) {
 		last = err
 	}
 	return nil, fmt.Errorf("no free port in %v on %s (--shim-ports): %w", r, host, last)
+}
+
+// killOrphanStandbys kills the standby QEMU a dead replica shim of VM
+// name left behind (kill -9 of a shim leaves its children running): a
+// QEMU whose command line names the replica's run directory. Useless
+// without its shim (its disk and NIC were served there), it would hold
+// its guest memory for ever, and a new replica starts from scratch anyway.
+func (a *Agent) killOrphanStandbys(name string) {
+	dir := []byte(filepath.Join(a.cfg.RunDir, "replicas", name) + string(filepath.Separator))
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return
+	}
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == os.Getpid() {
+			continue
+		}
+		exe, err := os.Readlink(filepath.Join("/proc", e.Name(), "exe"))
+		if err != nil || !strings.Contains(filepath.Base(exe), "qemu") {
+			continue
+		}
+		cmdline, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if err != nil || !bytes.Contains(cmdline, dir) {
+			continue
+		}
+		a.log.Warn("killing the standby QEMU a dead replica shim left", "vm", name, "pid", pid)
+		syscall.Kill(pid, syscall.SIGKILL)
+	}
 }
 
 // awaitShimGone waits until no shim answers on sock (gone, or never

@@ -232,11 +232,11 @@ func TestSecondaryAgentRestartKeepsReplica(t *testing.T) {
 		t.Fatalf("B's agent lists %+v, %v", list, err)
 	}
 
-	// B's replica shim dies with its standby: A degrades and pairs again
-	// by itself. The shim it remembers is gone, so it asks B's agent,
-	// which starts a new replica shim.
+	// B's replica shim dies (kill -9: its standby QEMU lives on): A
+	// degrades and pairs again by itself. The shim it remembers is gone,
+	// so it asks B's agent, which starts a new replica shim, and kills
+	// the old standby, useless without its shim.
 	syscall.Kill(sb.ShimPID, syscall.SIGKILL)
-	syscall.Kill(sb.PID, syscall.SIGKILL)
 	for {
 		s, err := A.c.Get(ctx, "web")
 		if err == nil && s.State == agent.StateProtected && s.Since.After(before.Since) {
@@ -254,6 +254,13 @@ func TestSecondaryAgentRestartKeepsReplica(t *testing.T) {
 	leftover = append(leftover, sb.ShimPID, sb.PID)
 	if sb.ShimPID == old.ShimPID || sb.ShimPID == 0 || sb.PID == old.PID {
 		t.Fatalf("B's new replica: %+v; the dead shim was %d", sb, old.ShimPID)
+	}
+	for !isZombie(old.PID) {
+		select {
+		case <-ctx.Done():
+			t.Fatalf("the dead shim's standby QEMU %d still runs", old.PID)
+		case <-time.After(50 * time.Millisecond):
+		}
 	}
 
 	// A's host fails: B's replica shim takes over and the VM runs there.

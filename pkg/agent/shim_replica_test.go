@@ -173,6 +173,15 @@ func TestSecondaryAgentRestartKeepsReplica(t *testing.T) {
 	var leftover []int
 	t.Cleanup(func() {
 		// Only matters when the test failed before stopping the VM.
+		cctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		shim := agent.NewClient(agent.ShimSocket(sc.RunDir, "web"))
+		if info, err := shim.ShimInfo(cctx); err == nil {
+			leftover = append(leftover, info.PID)
+		}
+		if st, err := shim.Get(cctx, "web"); err == nil {
+			leftover = append(leftover, st.PID)
+		}
 		for _, pid := range leftover {
 			if pid > 0 && !isZombie(pid) {
 				syscall.Kill(pid, syscall.SIGKILL)

@@ -99,6 +99,17 @@ type Devices struct {
 		Backend *TypeAttr `xml:"backend"`
 	} `xml:"tpm"`
 	Redirdevs []struct{} `xml:"redirdev"`
+	Videos    []Video    `xml:"video"`
+}
+
+// Video is <video>; its model's sizes are in KiB, as libvirt writes them.
+type Video struct {
+	Model *struct {
+		Type   string `xml:"type,attr"`
+		VRAM   string `xml:"vram,attr"`
+		RAM    string `xml:"ram,attr"`
+		VGAMem string `xml:"vgamem,attr"`
+	} `xml:"model"`
 }
 
 // Disk is <disk>.

@@ -113,6 +113,7 @@ func TestCheckFindings(t *testing.T) {
 			{Change, "nic 52:54:00:6b:3c:58", "interface type network"},
 			{Change, "qmp", "no QMP socket"},
 			{Info, "domain", "type kvm"},
+			{Warning, "device video", "video model cirrus"},
 		},
 		"multi.xml": {
 			{Change, "disk vda", "file /srv/vm/db-root.img"},
@@ -533,4 +534,39 @@ func hasArgPair(d *Domain, flag, value string) bool {
 		}
 	}
 	return false
+}
+
+func TestCheckVideo(t *testing.T) {
+	base := readSample(t, "plain.xml")
+	cirrus := regexp.MustCompile(`(?s)<video>.*?</video>`)
+	if !cirrus.MatchString(base) {
+		t.Fatal("plain.xml has no <video>")
+	}
+	cases := map[string]string{
+		"<video><model type='none'/></video>":                                        "",
+		"<video><model type='qxl' ram='65536' vram='65536' vgamem='16384'/></video>": "video model qxl: its 144 MiB of video RAM",
+		"<video/>": "video model default: its video RAM",
+		"<video><model type='vga' vram='bogus'/></video>": "video model vga: its video RAM",
+	}
+	for video, want := range cases {
+		fs, err := Check(cirrus.ReplaceAllString(base, video))
+		if err != nil {
+			t.Fatalf("%s: %v", video, err)
+		}
+		var got []string
+		for _, f := range fs {
+			if f.Area == "device video" {
+				if f.Severity != Warning {
+					t.Errorf("%s: severity %s, want warning", video, f.Severity)
+				}
+				got = append(got, f.Problem+": "+f.Why)
+			}
+		}
+		switch {
+		case want == "" && len(got) != 0:
+			t.Errorf("%s: video findings %q, want none", video, got)
+		case want != "" && (len(got) != 1 || !strings.HasPrefix(got[0], want)):
+			t.Errorf("%s: video findings %q, want one starting %q", video, got, want)
+		}
+	}
 }

@@ -433,7 +433,11 @@ func (p *Primary) sync(ctx context.Context) error {
 			return ctx.Err()
 		}
 	}
-	return nil
+	// The secondary may still be storing the last pre-copy rounds. Wait for
+	// it with the guest running: the first checkpoint's window wait would
+	// otherwise keep the guest paused for it (230-510 ms measured with a
+	// 128 MiB guest under TCG, against ~15 ms for later checkpoints).
+	return p.waitWindow(ctx, p.next)
 }
 
 // maxFramePages bounds the pages per memory frame (1 MiB before encoding).

@@ -78,6 +78,7 @@ type protection struct {
 	vmLost   bool // ended because the VM died here
 	lostOnce sync.Once
 	auto     bool // made by the automatic re-pairing, not (yet) by the user
+	shim     bool // the replica lives in a replica shim (the peer redirected us)
 	endOnce  sync.Once
 }
 
@@ -390,7 +391,7 @@ func (g *guest) pairLocked(ctx context.Context, peer string, auto bool) error {
 		return undo(fmt.Errorf("%w: %s refused to protect %s: %s", ErrPeer, peer, g.name, reply.Error))
 	}
 
-	p := &protection{peer: peer, conn: conn, events: events, done: make(chan struct{}), auto: auto}
+	p := &protection{peer: peer, conn: conn, events: events, done: make(chan struct{}), auto: auto, shim: link.routed}
 	if p.health, err = g.a.newPeerHealth(reply.Mgmt); err != nil {
 		return undo(err)
 	}
@@ -551,10 +552,17 @@ func (g *guest) degrade(p *protection, err error) {
 	go func() {
 		defer p.health.close()
 		alive, why := p.health.aliveAfter(context.Background(), ended)
+		// The heartbeats went to whoever answered the pairing: B's agent,
+		// or the replica shim B's agent redirected it to (whose agent may
+		// well still run).
+		who := "the secondary's agent"
+		if p.shim {
+			who = "the secondary's replica shim"
+		}
 		if alive {
-			why = "the secondary's agent still runs (" + why + "): only the replication link failed"
+			why = who + " still runs (" + why + "): only the replication link failed"
 		} else {
-			why = "the secondary's agent is silent too (" + why + ")"
+			why = who + " is silent too (" + why + ")"
 		}
 		g.mu.Lock()
 		same := g.state == StateDegraded && g.reason == reason

@@ -148,7 +148,7 @@ func (h *peerHealth) aliveAfter(ctx context.Context, t time.Time) (bool, string)
 	defer tick.Stop()
 	for {
 		if p := h.lastPing.Load(); p > t.UnixNano() {
-			return true, fmt.Sprintf("its agent answered on the management path %v after the link ended", time.Unix(0, p).Sub(t).Round(time.Millisecond))
+			return true, fmt.Sprintf("it answered on the management path %v after the link ended", time.Unix(0, p).Sub(t).Round(time.Millisecond))
 		}
 		if ev := h.det.State(); ev.State == failover.Lost {
 			return false, ev.Reason

@@ -33,18 +33,23 @@ type Agent struct {
 	shimOf string
 	// lv: libvirt domains (libvirt.go).
 	lv libvirtState
+	// lost: libvirt domains a previous agent or shim served (lost.go).
+	lost map[string]*lostVM
 	// shimMu serialises the starting of replica shims.
 	shimMu sync.Mutex
 	// replicaRoutes remembers the peers' replica shims (shimroute.go).
 	replicaRoutes replicaRoutes
 	// busy counts pairings being accepted (a shim must not think itself
 	// idle meanwhile).
-	busy   int
-	peerLn *wire.Listener
-	hbSrv  *failover.HeartbeatServer
-	ctl    net.Listener
-	srv    *http.Server
-	closed bool
+	busy int
+	// refused: a replica shim refused a pairing (it exits once idle,
+	// rather than waiting a minute for a VM).
+	refused bool
+	peerLn  *wire.Listener
+	hbSrv   *failover.HeartbeatServer
+	ctl     net.Listener
+	srv     *http.Server
+	closed  bool
 }
 
 // New checks the configuration and prepares the agent's directories.
@@ -97,6 +102,11 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	if len(a.cfg.ShimCommand) > 0 {
 		a.discoverShims(ctx)
+	}
+	if a.shimOf == "" {
+		// After discoverShims: what no shim claims is lost. (A shim
+		// shares the agent's state directory but knows only its VM.)
+		a.loadLost()
 	}
 	errc := make(chan error, 2)
 	go func() {
@@ -257,6 +267,10 @@ func (a *Agent) servePeer(ctx context.Context, c wire.Conn) {
 	r, err := a.acceptProtect(ctx, m)
 	if err != nil {
 		a.log.Warn("refusing to protect", "vm", m.VM, "peer", m.From, "err", err)
+		a.mu.Lock()
+		// A replica shim started for this request has nothing to keep.
+		a.refused = true
+		a.mu.Unlock()
 		sendMsg(ctx, wc, message{Op: opRefused, VM: m.VM, Error: err.Error()})
 		c.Close()
 		return
@@ -313,6 +327,9 @@ func (a *Agent) vmLostNews(m message, authPeer string) error {
 }
 
 func (a *Agent) acceptProtect(ctx context.Context, m message) (*replicaVM, error) {
+	if err := a.claimLost(m.VM); err != nil {
+		return nil, err
+	}
 	if sp := a.shimFor(m.VM); sp != nil {
 		st, _ := a.shimStatus(sp)
 		if st.State != StateStopped && st.State != StateHandedOver {
@@ -364,7 +381,16 @@ func (a *Agent) dropReplica(r *replicaVM) {
 	if a.replicas[r.name] == r {
 		delete(a.replicas, r.name)
 	}
+	// Busy until the standby is torn down: a replica shim must not exit
+	// halfway through (a libvirt standby domain is destroyed and
+	// undefined here).
+	a.busy++
 	a.mu.Unlock()
+	defer func() {
+		a.mu.Lock()
+		a.busy--
+		a.mu.Unlock()
+	}()
 	r.stop()
 	a.removeRecord(r.name)
 }
@@ -415,8 +441,9 @@ func (a *Agent) StartVM(ctx context.Context, spec vm.Spec, probe ProbeSpec) (VMS
 	_, g := a.guests[spec.Name]
 	_, r := a.replicas[spec.Name]
 	_, sh := a.shims[spec.Name]
+	_, lost := a.lost[spec.Name]
 	a.mu.Unlock()
-	if g || r || sh {
+	if g || r || sh || lost {
 		return VMStatus{}, fmt.Errorf("%w: %s", ErrExists, spec.Name)
 	}
 	if err := spec.WithDefaults().Validate(); err != nil && !errors.Is(err, vm.ErrInvalidSpec) {
@@ -440,6 +467,9 @@ func (a *Agent) guest(name string) (*guest, error) {
 	defer a.mu.Unlock()
 	g, ok := a.guests[name]
 	if !ok {
+		if l := a.lost[name]; l != nil {
+			return nil, l.errLost()
+		}
 		if _, ok := a.replicas[name]; ok {
 			return nil, fmt.Errorf("%w: %s is a replica here; run the command on its primary's host", ErrState, name)
 		}
@@ -509,6 +539,12 @@ func (a *Agent) StopVM(ctx context.Context, name string) error {
 		}
 		return err
 	}
+	if l := a.lostFor(name); l != nil {
+		return a.stopLost(ctx, l)
+	}
+	if a.stopPrepared(name) {
+		return nil
+	}
 	g, err := a.guest(name)
 	if err != nil {
 		return err
@@ -522,6 +558,12 @@ func (a *Agent) Status(name string) ([]VMStatus, error) {
 	var gs []*guest
 	var rs []*replicaVM
 	var ss []*shimProc
+	var ls []*lostVM
+	for n, l := range a.lost {
+		if name == "" || n == name {
+			ls = append(ls, l)
+		}
+	}
 	for n, sp := range a.shims {
 		if name == "" || n == name {
 			ss = append(ss, sp)
@@ -544,6 +586,10 @@ func (a *Agent) Status(name string) ([]VMStatus, error) {
 			out = append(out, st)
 		}
 	}
+	for _, l := range ls {
+		out = append(out, l.status())
+	}
+	out = append(out, a.preparedStatus(name)...)
 	if name != "" && len(gs)+len(rs)+len(out) == 0 {
 		return nil, fmt.Errorf("%w: %s", ErrNotFound, name)
 	}

@@ -87,7 +87,8 @@ func (g *guest) setState(s State, reason string) {
 	g.state, g.reason, g.since = s, reason, time.Now()
 	g.mu.Unlock()
 	g.a.log.Info("state", "vm", g.name, "state", s, "reason", reason)
-	g.a.saveRecord(record{Name: g.name, Role: RolePrimary, State: s, Peer: g.peer, Spec: g.spec, PID: g.pid()})
+	_, lv := g.m.(*libvirtMachine)
+	g.a.saveRecord(record{Name: g.name, Role: RolePrimary, State: s, Peer: g.peer, Spec: g.spec, PID: g.pid(), Libvirt: lv})
 }
 
 func (g *guest) pid() int {

@@ -120,6 +120,7 @@ type libvirtState struct {
 // preparedDomain is a domain whose devices the agent opened for libvirt.
 type preparedDomain struct {
 	xml    string
+	since  time.Time
 	prot   *domxml.Protection
 	spec   vm.Spec
 	serial string
@@ -173,8 +174,9 @@ func (a *Agent) closeLibvirt() {
 	ps := a.lv.prepared
 	a.lv.prepared = nil
 	a.lv.mu.Unlock()
-	for _, pd := range ps {
+	for n, pd := range ps {
 		pd.dev.close()
+		a.removeRecord(n)
 	}
 }
 
@@ -205,7 +207,7 @@ func parsePrepared(name string, domainXML []byte) (*preparedDomain, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: domain %s: %w", ErrBadRequest, name, err)
 	}
-	pd := &preparedDomain{xml: string(domainXML), prot: prot, accel: vm.AccelTCG}
+	pd := &preparedDomain{xml: string(domainXML), prot: prot, accel: vm.AccelTCG, since: time.Now()}
 	if dom.Type == "kvm" {
 		pd.accel = vm.AccelKVM
 	}
@@ -278,6 +280,12 @@ func (a *Agent) PrepareDomain(ctx context.Context, name string, domainXML []byte
 	if err != nil {
 		return err
 	}
+	// libvirt starts the domain anew: what a dead agent or shim left of
+	// its last run is over.
+	a.dropLost(name)
+	if len(a.cfg.ShimCommand) > 0 {
+		return a.prepareDomainShim(ctx, name, domainXML)
+	}
 	a.lv.mu.Lock()
 	defer a.lv.mu.Unlock()
 	if _, ok := a.lv.prepared[name]; ok {
@@ -329,14 +337,108 @@ func (a *Agent) PrepareDomain(ctx context.Context, name string, domainXML []byte
 		a.lv.prepared = map[string]*preparedDomain{}
 	}
 	a.lv.prepared[name] = pd
+	// A record from now on: a restarted agent finds this domain's shim
+	// by it, or, without shims, reports the domain lost.
+	a.saveRecord(record{Name: name, Role: RolePrimary, State: StateUnprotected, Spec: pd.spec, Libvirt: true})
 	a.log.Info("devices open for libvirt domain", "vm", name, "disks", len(at.disks), "nics", len(at.nics))
 	return nil
+}
+
+// prepareDomainShim starts (or finds) the shim of a libvirt domain about
+// to start and has it open the domain's devices; the domain's later
+// requests go to that shim, which outlives the agent as a VM's shim does.
+func (a *Agent) prepareDomainShim(ctx context.Context, name string, domainXML []byte) error {
+	a.shimMu.Lock()
+	defer a.shimMu.Unlock()
+	if sp := a.shimFor(name); sp != nil {
+		pctx, cancel := context.WithTimeout(ctx, shimTimeout)
+		err := sp.c.PrepareDomain(pctx, name, domainXML)
+		cancel()
+		var re *remoteError
+		if err == nil || errors.As(err, &re) {
+			// The shim decides (its domain's devices are open already;
+			// or it keeps a replica of that name).
+			return err
+		}
+		a.log.Warn("replacing a shim that does not answer", "vm", name, "err", err)
+		a.dropShim(sp)
+	}
+	a.mu.Lock()
+	_, isGuest := a.guests[name]
+	_, isReplica := a.replicas[name]
+	a.mu.Unlock()
+	if isGuest || isReplica {
+		return fmt.Errorf("%w: %s runs here already, not under libvirt", ErrExists, name)
+	}
+	sp, err := a.startShimProc(ctx, name, RolePrimary)
+	if err != nil {
+		return fmt.Errorf("domain %s: %w", name, err)
+	}
+	if err := sp.c.PrepareDomain(ctx, name, domainXML); err != nil {
+		a.killShim(sp)
+		return err
+	}
+	return nil
+}
+
+// preparedStatus lists the prepared domains (all, or the one named):
+// devices open, QEMU not adopted yet.
+func (a *Agent) preparedStatus(name string) []VMStatus {
+	a.lv.mu.Lock()
+	defer a.lv.mu.Unlock()
+	var out []VMStatus
+	for n, pd := range a.lv.prepared {
+		if name != "" && n != name {
+			continue
+		}
+		s := VMStatus{Name: n, Role: RolePrimary, State: StateUnprotected, Since: pd.since, Accel: pd.accel,
+			Reason: "prepared: its devices are open; waiting for libvirt to start the domain"}
+		if a.shimOf != "" {
+			s.ShimPID = os.Getpid()
+		}
+		out = append(out, s)
+	}
+	return out
+}
+
+// stopPrepared closes the devices of a prepared domain (one libvirt has
+// not started yet) and says whether there was one.
+func (a *Agent) stopPrepared(name string) bool {
+	a.lv.mu.Lock()
+	pd := a.lv.prepared[name]
+	delete(a.lv.prepared, name)
+	a.lv.mu.Unlock()
+	if pd == nil {
+		return false
+	}
+	pd.dev.close()
+	a.removeRecord(name)
+	return true
 }
 
 // AdoptDomain takes a domain libvirt has started as a primary VM (state
 // unprotected) and, with a peer, starts pairing it as Pair does. It is
 // idempotent: an adopted domain is only paired if it is not yet.
 func (a *Agent) AdoptDomain(ctx context.Context, name string, domainXML []byte, peer string) (VMStatus, error) {
+	if l := a.lostFor(name); l != nil {
+		return VMStatus{}, l.errLost()
+	}
+	if len(a.cfg.ShimCommand) > 0 {
+		sp := a.shimFor(name)
+		if sp == nil {
+			// Not prepared through this agent (or its shim is gone):
+			// the shim opens the devices first, as a hook's prepare would.
+			if err := a.PrepareDomain(ctx, name, domainXML); err != nil {
+				return VMStatus{}, err
+			}
+			if sp = a.shimFor(name); sp == nil {
+				return VMStatus{}, fmt.Errorf("%w: domain %s: its shim went away", ErrState, name)
+			}
+		}
+		st, err := sp.c.AdoptDomain(ctx, name, domainXML, peer)
+		sp.setRole(st.Role)
+		return st, err
+	}
 	g, _ := a.libvirtGuest(name)
 	if g == nil {
 		var err error
@@ -391,12 +493,19 @@ func (a *Agent) adopt(ctx context.Context, name string, domainXML []byte) (*gues
 // over. Either way what is left here is released; an unknown domain is
 // fine.
 func (a *Agent) DomainStopped(ctx context.Context, name string) error {
-	a.lv.mu.Lock()
-	pd := a.lv.prepared[name]
-	delete(a.lv.prepared, name)
-	a.lv.mu.Unlock()
-	if pd != nil {
-		pd.dev.close()
+	a.dropLost(name)
+	if sp := a.shimFor(name); sp != nil {
+		err := sp.c.DomainStopped(ctx, name)
+		var re *remoteError
+		if err != nil && !errors.As(err, &re) && sp.gone() {
+			// The shim died with the domain: nothing is left to release.
+			err = nil
+		}
+		// A shim whose VM is gone ends: forget it.
+		a.shimStatus(sp)
+		return err
+	}
+	if a.stopPrepared(name) {
 		return nil
 	}
 	g, lm := a.libvirtGuest(name)

@@ -32,6 +32,7 @@ func serialOf(d *libvirttest.Daemon) string {
 }
 
 // newLibvirtHost is newHost with a libvirtd of its own ("" for none).
+// With FTCTL_SHIMS=true its VMs and replicas live in shims.
 func newLibvirtHost(t *testing.T, ca *wire.CA, name, libvirtSock string) *host {
 	t.Helper()
 	cert, key, err := ca.Issue(name, []string{"127.0.0.1"})
@@ -47,12 +48,26 @@ func newLibvirtHost(t *testing.T, ca *wire.CA, name, libvirtSock string) *host {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
-	a, err := agent.New(agent.Config{
+	cfg := agent.Config{
 		Name: name, StateDir: filepath.Join(dir, "state"), RunDir: filepath.Join(dir, "run"), RAMDir: filepath.Join(dir, "ram"),
 		PeerAddr: "127.0.0.1:0", Credentials: creds, Arbiter: yesArbiter{}, Logger: quiet, Libvirt: libvirtSock,
 		Policy: lockstep.Policy{MaxInterval: 100 * time.Millisecond}, PeerTimeout: 2 * time.Second,
 		QMPTimeout: 2 * time.Second,
-	})
+	}
+	if shimsOn() {
+		cfg.ShimCommand = shimCommand(t, shimConf{Name: name, StateDir: cfg.StateDir, RunDir: cfg.RunDir, RAMDir: cfg.RAMDir,
+			CA: ca.CertPEM(), Cert: cert, Key: key, PeerAddr: cfg.PeerAddr, Arbiter: true, Libvirt: libvirtSock,
+			QMPTimeout: cfg.QMPTimeout, Verbose: true})
+		t.Cleanup(func() {
+			if t.Failed() {
+				logs, _ := filepath.Glob(filepath.Join(cfg.RunDir, "vms", "*.shim.log"))
+				for _, l := range logs {
+					t.Logf("%s's shim log %s:\n%s", name, l, tailN(readFile(l), 6000))
+				}
+			}
+		})
+	}
+	a, err := agent.New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}

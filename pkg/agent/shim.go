@@ -396,6 +396,9 @@ func (a *Agent) replicaShimAddr(ctx context.Context, m message) (string, error) 
 	if m.Op != opProtect {
 		return "", fmt.Errorf("%w: %s", ErrNotFound, m.VM)
 	}
+	if err := a.claimLost(m.VM); err != nil {
+		return "", err
+	}
 	if m.Spec == nil || m.Spec.Name != m.VM {
 		return "", fmt.Errorf("%w: protect request for %q without its VM spec", ErrBadRequest, m.VM)
 	}
@@ -577,15 +580,21 @@ func (a *Agent) shimIdleExit(ctx context.Context, errc <-chan error) error {
 			return err
 		case <-t.C:
 		}
+		// A libvirt domain's devices are open before its QEMU runs
+		// (prepared); lv.mu first, as PrepareDomain takes them, so a
+		// domain that replaces its last run is seen in one of the maps.
+		a.lv.mu.Lock()
 		a.mu.Lock()
 		// busy: a pairing being accepted (a replica replaced by a new
 		// one is briefly in neither map).
-		n := len(a.guests) + len(a.replicas) + a.busy
+		n := len(a.guests) + len(a.replicas) + a.busy + len(a.lv.prepared)
+		refused := a.refused
 		a.mu.Unlock()
+		a.lv.mu.Unlock()
 		switch {
 		case n > 0:
 			had = true
-		case had:
+		case had || refused:
 			a.log.Info("VM gone; shim exits")
 			return nil
 		case time.Since(start) > time.Minute:

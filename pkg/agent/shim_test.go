@@ -6,8 +6,10 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"strconv"
 	"syscall"
 	"testing"
 	"time"
@@ -34,6 +36,11 @@ type shimConf struct {
 	Arbiter  bool
 	// Verbose: log to stderr (the process's log file), not nowhere.
 	Verbose bool
+	// Libvirt: the host's libvirtd (Config.Libvirt), which shims get
+	// as `ftctl shim` gets the agent's --libvirt.
+	Libvirt string
+	// QMPTimeout, if set, replaces the default of these tests (1 s).
+	QMPTimeout time.Duration
 }
 
 func (sc shimConf) config() (agent.Config, error) {
@@ -43,7 +50,10 @@ func (sc shimConf) config() (agent.Config, error) {
 	}
 	cfg := agent.Config{Name: sc.Name, StateDir: sc.StateDir, RunDir: sc.RunDir, RAMDir: sc.RAMDir,
 		PeerAddr: sc.PeerAddr, Credentials: creds, Logger: quiet, Policy: lockstep.Policy{MaxInterval: 100 * time.Millisecond},
-		PeerTimeout: 2 * time.Second, QMPTimeout: time.Second}
+		PeerTimeout: 2 * time.Second, QMPTimeout: time.Second, Libvirt: sc.Libvirt}
+	if sc.QMPTimeout > 0 {
+		cfg.QMPTimeout = sc.QMPTimeout
+	}
 	if sc.Arbiter {
 		cfg.Arbiter = yesArbiter{}
 	}
@@ -94,6 +104,29 @@ func runTestShim(v string) int {
 		return 1
 	}
 	return 0
+}
+
+// shimCommand is a ShimCommand that runs this test binary as the shim of
+// sc, whatever the process's environment says (two agents of one test
+// process need shims of their own configurations).
+func shimCommand(t *testing.T, sc shimConf) []string {
+	t.Helper()
+	env, err := exec.LookPath("env")
+	if err != nil {
+		t.Skipf("needs env(1) to start shims: %v", err)
+	}
+	b, err := json.Marshal(sc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return []string{env, shimEnv + "=" + string(b), os.Args[0]}
+}
+
+// shimsOn says whether the tests that can should run their agents with
+// shims (FTCTL_SHIMS=true, as `ftctl agent` reads it).
+func shimsOn() bool {
+	on, _ := strconv.ParseBool(os.Getenv("FTCTL_SHIMS"))
+	return on
 }
 
 func signalContext() (context.Context, context.CancelFunc) {

@@ -56,8 +56,11 @@ func (r *replicaRoutes) forget(vm, peer, addr string) {
 type replicaLink struct {
 	conn *watchedConn
 	addr string // where it goes
-	// routed: addr is a remembered replica shim, not the peer's agent.
+	// routed: addr is a replica shim, not the peer's agent.
 	routed bool
+	// remembered: addr is a route from an earlier request, which may be
+	// stale; a shim the peer's agent has just redirected to is not.
+	remembered bool
 }
 
 // routeDialTimeout bounds a dial to a remembered replica shim, so that a
@@ -77,7 +80,7 @@ func (a *Agent) dialReplica(ctx context.Context, name, peer string) (replicaLink
 		raw, err := wire.Dial(dctx, addr, a.cfg.Credentials)
 		cancel()
 		if err == nil {
-			return replicaLink{conn: newWatchedConn(raw), addr: addr, routed: true}, nil
+			return replicaLink{conn: newWatchedConn(raw), addr: addr, routed: true, remembered: true}, nil
 		}
 		a.log.Info("replica shim unreachable; asking its agent", "vm", name, "peer", peer, "shim", addr, "err", err)
 		a.replicaRoutes.forget(name, peer, addr)
@@ -93,7 +96,9 @@ func (a *Agent) dialReplica(ctx context.Context, name, peer string) (replicaLink
 // askReplica sends m on l and waits up to wait for the answer, which it
 // returns with the link it came on. A redirect is followed (and
 // remembered): l's link is closed and m goes again to the shim. A failure
-// or refusal on a remembered route makes it ask the peer's agent instead.
+// or refusal on a remembered route makes it ask the peer's agent instead;
+// the refusal of a shim the agent has just redirected to is the answer
+// (asking the agent again would only send it back there).
 // On error the link returned is closed.
 func (a *Agent) askReplica(ctx context.Context, l replicaLink, name, peer string, m message, wait time.Duration) (replicaLink, message, error) {
 	for hop := 0; ; hop++ {
@@ -116,7 +121,7 @@ func (a *Agent) askReplica(ctx context.Context, l replicaLink, name, peer string
 			l = replicaLink{conn: newWatchedConn(raw), addr: addr, routed: true}
 			continue
 		}
-		if l.routed && (err != nil || reply.Op == opRefused) && hop < maxRedirects {
+		if l.remembered && (err != nil || reply.Op == opRefused) && hop < maxRedirects {
 			// The shim there is stale, or no longer this VM's: its agent
 			// decides.
 			a.log.Info("replica shim failed; asking its agent", "vm", name, "peer", peer, "shim", l.addr, "err", err, "refusal", reply.Error)

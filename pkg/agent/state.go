@@ -115,6 +115,10 @@ type record struct {
 	Peer  string  `json:"peer,omitempty"`
 	Spec  vm.Spec `json:"spec"`
 	PID   int     `json:"pid,omitempty"`
+	// Libvirt: the VM is a libvirt domain (prepared or adopted), which
+	// outlives the process that served its devices; a restarted agent
+	// that finds no shim for it reports it lost (lost.go).
+	Libvirt bool `json:"libvirt,omitempty"`
 }
 
 func (a *Agent) recordPath(name string) string {

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -120,6 +121,47 @@ func TestLibvirtHook(t *testing.T) {
 		t.Fatalf("A before the kill: %+v %v", sa, err)
 	}
 
+	// A's agent dies (kill -9). The domain lives in its shim (agents run
+	// shims by default), which serves its disk and NIC and replicates
+	// it: the guest's disk writer and service go on, B keeps committing,
+	// and the restarted agent finds the shim.
+	if v, set := os.LookupEnv("FTCTL_SHIMS"); set && !parsesTrue(v) {
+		t.Log("FTCTL_SHIMS=false: no agent restart step (without shims it cuts the domain's devices)")
+	} else {
+		if sa.ShimPID == 0 {
+			t.Fatalf("A's domain is not served by a shim: %+v", sa)
+		}
+		sb0, err := c.b.status(vmName)
+		if err != nil {
+			t.Fatal(err)
+		}
+		serialBefore, _ := os.ReadFile(serialA)
+		c.a.kill()
+		for range 3 {
+			if _, err := vc.short(ctx, 10*time.Second); err != nil {
+				t.Fatalf("the VM's service with A's agent dead: %v", err)
+			}
+		}
+		waitFile(t, ctx, serialA, func(b []byte) bool { return counterlog.LastDiskSeq(b) >= counterlog.LastDiskSeq(serialBefore)+3 })
+		for {
+			s, err := c.b.status(vmName)
+			if err == nil && s.State == agent.StateStandby && s.Epoch > sb0.Epoch+3 {
+				t.Logf("A's agent dead: B committed epochs %d..%d", sb0.Epoch, s.Epoch)
+				break
+			}
+			select {
+			case <-ctx.Done():
+				t.Fatalf("B stopped committing with A's agent dead: %+v, %v (was epoch %d)", s, err, sb0.Epoch)
+			case <-time.After(100 * time.Millisecond):
+			}
+		}
+		c.a.start()
+		sa2 := c.a.waitState(vmName, agent.StateProtected, 30*time.Second, agent.StateStopped, agent.StateDegraded)
+		if sa2.PID != sa.PID || sa2.ShimPID != sa.ShimPID || !sa2.Since.Equal(sa.Since) {
+			t.Fatalf("after A's agent restart: %+v; before: %+v", sa2, sa)
+		}
+	}
+
 	// Host A's QEMU dies like its host.
 	before, _ := os.ReadFile(serialA)
 	if err := syscall.Kill(sa.PID, syscall.SIGKILL); err != nil {
@@ -177,6 +219,12 @@ func TestLibvirtHook(t *testing.T) {
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
+}
+
+// parsesTrue is the agent's reading of FTCTL_SHIMS=v.
+func parsesTrue(v string) bool {
+	on, err := strconv.ParseBool(v)
+	return err == nil && on
 }
 
 func waitFile(t *testing.T, ctx context.Context, path string, ok func([]byte) bool) []byte {

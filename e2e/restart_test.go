@@ -15,8 +15,8 @@ import (
 )
 
 // TestAgentRestart: kill -9 of an agent while its VM is protected, with
-// the agents running each VM and each replica in a shim (--shims; not yet
-// the default).
+// the agents running each VM and each replica in a shim (the default;
+// --shims is given anyway, so the test means it whatever the default).
 //
 // A's agent (the primary's host): the VM lives in its shim, which owns its
 // QEMU, disk export, NIC buffer and replication link, so nothing notices.

@@ -69,14 +69,25 @@ secondary is told to take over at once (as when QEMU exits by itself). The secon
 means only the link broke, so it does not promote. With --arbiter none it
 never promotes on its own (planned failovers still work).
 
-With --shims, each VM this host runs lives in a process of its own (ftctl
-shim, log in RUN-DIR/vms/VM.shim.log) that owns its QEMU, disk export, output
-buffer and replication link; so does each replica kept for a peer (its
-standby QEMU, replica RAM and disk, and its own replication listener on the
---listen host with a port the system picks: the agent redirects the primary
-there). Restarting the agent, even with kill -9, neither stops a VM nor
-interrupts its protection, on either host, and the restarted agent finds
-its shims again.`,
+Shims (on by default): each VM this host runs, started with ftctl vm run or
+adopted from libvirt, lives in a process of its own (ftctl shim, log in
+RUN-DIR/vms/VM.shim.log) that owns its disk export, output buffer and
+replication link (and its QEMU, unless libvirt runs it); so does each replica
+kept for a peer (its standby QEMU or standby libvirt domain, replica RAM and
+disk, and its own replication listener on the --listen host with a port the
+system picks, or one of --shim-ports: the agent redirects the primary there).
+Why: the disk and NIC of a running VM are served by the process that owns
+them, so with everything inside the agent, an agent restart or crash would
+cut a running guest's disk and end its protection. With shims, restarting
+the agent, even with kill -9, neither stops a VM nor interrupts its
+protection, on either host, and the restarted agent finds its shims again
+from the VM records in --state-dir. Keep KillMode=process in a systemd unit,
+so that stopping the agent leaves the shims alone.
+
+--shims=false (or FTCTL_SHIMS=false) runs every VM and replica inside the
+agent process, as before: fewer processes, but an agent restart stops the
+VMs' protection and cuts their devices; a restarted agent then lists the
+libvirt domains it served as lost, to be restarted through libvirt.`,
 		Flags:  agentFlags(),
 		Action: runAgent,
 	}
@@ -136,7 +147,7 @@ func agentFlags() []cli.Flag {
 		&cli.StringFlag{Name: "libvirt", Usage: "this host's libvirtd (`URI` or socket path, as for ftctl libvirt --connect): standbys of peers' libvirt domains become libvirt domains here"},
 		&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error"},
 		&cli.StringFlag{Name: "shim-ports", Usage: "with --shims, the `LOW-HIGH` ports replica shims listen on (on the --listen host; default: any free port), for a firewall that must name them"},
-		&cli.BoolFlag{Name: "shims", Sources: cli.EnvVars("FTCTL_SHIMS"), Usage: "run each VM in a process of its own (ftctl shim) that outlives an agent restart, and each replica kept for a peer too; RUN-DIR/vms/VM.shim.log is its log (not yet the default)"},
+		&cli.BoolFlag{Name: "shims", Value: true, Sources: cli.EnvVars("FTCTL_SHIMS"), Usage: "run each VM, libvirt domain and replica kept for a peer in a process of its own (ftctl shim, log in RUN-DIR/vms/VM.shim.log) that outlives an agent restart, so restarting the agent neither stops a guest nor its protection; --shims=false keeps them all inside the agent"},
 	}
 }
 

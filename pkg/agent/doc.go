@@ -28,12 +28,16 @@
 // renew it, and the secondary's arbiter asks the witness when the LAN probe
 // cannot decide.
 //
-// With Config.ShimCommand (ftctl agent --shims), each VM this host runs
-// as primary, and each replica it keeps for a peer, lives in a shim process
-// of its own (shim.go) that survives the agent: an agent restart, even
-// kill -9, on either host neither stops a guest nor interrupts its
-// protection, and the restarted agent finds the shims again from the VM
-// records on disk. A protect request reaching such an agent is redirected
-// to the VM's replica shim, which has a peer listener of its own; the
-// primary remembers where (shimroute.go).
+// With Config.ShimCommand (ftctl agent runs shims unless --shims=false),
+// each VM this host runs as primary — started by StartVM, or a libvirt
+// domain from PrepareDomain on — and each replica it keeps for a peer,
+// lives in a shim process of its own (shim.go) that survives the agent:
+// an agent restart, even kill -9, on either host neither stops a guest,
+// nor cuts its disk and NIC, nor interrupts its protection, and the
+// restarted agent finds the shims again from the VM records on disk. A
+// protect request reaching such an agent is redirected to the VM's replica
+// shim, which has a peer listener of its own; the primary remembers where
+// (shimroute.go). Without shims everything lives in the agent process: a
+// libvirt domain outlives it (libvirtd is QEMU's parent) but not its
+// devices, and a restarted agent lists such a domain as lost (lost.go).
 package agent

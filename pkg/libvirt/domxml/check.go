@@ -132,6 +132,14 @@ type Options struct {
 	// Policy, when set, is recorded as the hook's policy; "" keeps what
 	// the domain has.
 	Policy Policy
+	// ProbeAddrs, when non-nil, replace the recorded probe (see Probe):
+	// the VM's LAN addresses the secondary probes before it promotes
+	// itself. nil keeps what the domain has; an empty non-nil slice
+	// removes the record.
+	ProbeAddrs []string
+	// ProbeTCPPorts are the probe's TCP ports, recorded with ProbeAddrs
+	// (the record is replaced as a whole, so they need ProbeAddrs).
+	ProbeTCPPorts []int
 }
 
 // Policy says what `ftctl hook` does for a domain when libvirt starts or
@@ -187,6 +195,16 @@ func (o Options) withDefaults(name string) (Options, error) {
 	case "", PolicyAuto, PolicyManual:
 	default:
 		return o, fmt.Errorf("%w: unknown policy %q (want %q or %q)", ErrBadOptions, o.Policy, PolicyAuto, PolicyManual)
+	}
+	switch {
+	case o.ProbeAddrs == nil && len(o.ProbeTCPPorts) > 0:
+		return o, fmt.Errorf("%w: probe TCP ports %v without probe addresses (the probe record is replaced as a whole)", ErrBadOptions, o.ProbeTCPPorts)
+	case o.ProbeAddrs != nil && len(o.ProbeAddrs) == 0 && len(o.ProbeTCPPorts) > 0:
+		return o, fmt.Errorf("%w: probe TCP ports %v while removing the probe record", ErrBadOptions, o.ProbeTCPPorts)
+	case len(o.ProbeAddrs) > 0:
+		if _, err := NewProbe(o.ProbeAddrs, o.ProbeTCPPorts); err != nil {
+			return o, fmt.Errorf("%w: %w", ErrBadOptions, err)
+		}
 	}
 	return o, nil
 }
@@ -252,6 +270,12 @@ type preparePlan struct {
 	addQMP   bool
 	// setPeer, setPolicy: the metadata's peer / policy attribute changes.
 	setPeer, setPolicy bool
+	// setProbe: the probe record changes to newProbe (nil: removed).
+	setProbe bool
+	newProbe *Probe
+	// badProbe says what was wrong with a malformed probe record the
+	// probe options replace ("" when there was none).
+	badProbe string
 }
 
 func (p *preparePlan) add(sev Severity, area, problem, why, fix string) {
@@ -269,6 +293,15 @@ func plan(domainXML string, opts Options) (*preparePlan, error) {
 		return nil, fmt.Errorf("%w: root element is <%s>, not <domain>", ErrBadXML, r.Name)
 	}
 	dom, err := ParseDomain([]byte(domainXML))
+	var pe *probeError
+	var badProbe string
+	if errors.As(err, &pe) && opts.ProbeAddrs != nil {
+		// New probe options replace a malformed record, so prepare can
+		// repair a hand edit.
+		stripProbes(doc)
+		dom, err = ParseDomain([]byte(doc.String()))
+		badProbe = pe.msg
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -279,10 +312,19 @@ func plan(domainXML string, opts Options) (*preparePlan, error) {
 	if err != nil {
 		return nil, err
 	}
-	p := &preparePlan{dom: dom, doc: doc, opts: opts, pciSlots: pciSlots(doc.Root().First("devices"))}
+	p := &preparePlan{dom: dom, doc: doc, opts: opts, pciSlots: pciSlots(doc.Root().First("devices")), badProbe: badProbe}
+	if len(opts.ProbeAddrs) > 0 {
+		p.newProbe, _ = NewProbe(opts.ProbeAddrs, opts.ProbeTCPPorts) // checked by withDefaults
+	}
 	var prot Protection
 	if dom.Metadata != nil && dom.Metadata.Protection != nil {
 		prot = *dom.Metadata.Protection
+	}
+	// The typed view resolves namespaces, the tree Prepare rewrites goes
+	// by prefix; a probe record only one of them sees would be written
+	// twice or not at all.
+	if node, _ := findProtection(doc.Root()); (prot.Probe != nil) != (node != nil && node.First(protPrefix(node)+":probe") != nil) {
+		return nil, fmt.Errorf("%w: domain %s: ftctl's probe record is not a child of ftctl's <protection> element under its prefix", ErrBadXML, dom.Name)
 	}
 
 	switch dom.Type {
@@ -304,7 +346,8 @@ func plan(domainXML string, opts Options) (*preparePlan, error) {
 	p.checkNICs(prot)
 	p.checkQMP(prot)
 	p.checkOtherDevices()
-	p.checkPairing(prot)
+	peer := p.checkPairing(prot)
+	p.checkProbe(prot, peer)
 	return p, nil
 }
 
@@ -343,7 +386,9 @@ func EffectivePolicy(p *Protection) Policy {
 	return PolicyManual
 }
 
-func (p *preparePlan) checkPairing(prot Protection) {
+// checkPairing reports the pairing record and returns the peer the
+// domain has after Prepare.
+func (p *preparePlan) checkPairing(prot Protection) string {
 	peer, policy := prot.Peer, Policy(prot.Policy)
 	if p.opts.Peer != "" && p.opts.Peer != peer {
 		p.setPeer = true
@@ -369,6 +414,7 @@ func (p *preparePlan) checkPairing(prot Protection) {
 	default:
 		p.add(Info, "pairing", "peer "+peer+", policy auto", "the hook pairs the domain when it starts and unpairs it when it stops", "")
 	}
+	return peer
 }
 
 func (p *preparePlan) checkCPU() {

@@ -20,6 +20,13 @@
 // map the replica file itself. QEMU refuses -machine memory-backend with
 // libvirt's per-NUMA-cell backends, so NUMA domains are refused.
 //
+// Metadata. ftctl's <metadata><ftctl:protection> element records the
+// replaced devices (qmp, memory, disk, nic children), the hook's peer and
+// policy, and the failure arbiter's LAN probe: one
+// <ftctl:probe addrs='IP,IP' tcp='PORT,PORT'/> with comma-separated lists
+// (see Probe), which Standby and Promoted keep, so the VM is probed the
+// same way from whichever host is secondary.
+//
 // Reading uses encoding/xml into the few structs protection depends on
 // (Domain). Rewriting works on a generic tree (Document) that keeps each
 // node's source bytes, so whatever this package does not understand -

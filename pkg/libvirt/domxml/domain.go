@@ -2,6 +2,7 @@ package domxml
 
 import (
 	"encoding/xml"
+	"errors"
 	"fmt"
 	"strings"
 )
@@ -206,6 +207,10 @@ type Protection struct {
 	Memory *ProtectedMemory `xml:"https://github.com/ftctl/ftctl/xmlns/libvirt/1 memory"`
 	Disks  []ProtectedDisk  `xml:"https://github.com/ftctl/ftctl/xmlns/libvirt/1 disk"`
 	NICs   []ProtectedNIC   `xml:"https://github.com/ftctl/ftctl/xmlns/libvirt/1 nic"`
+	// Probe is how the secondary checks, before promoting, whether the
+	// VM still answers on its LAN; nil when none is recorded. Standby and
+	// Promoted keep it. See Probe.
+	Probe *Probe `xml:"https://github.com/ftctl/ftctl/xmlns/libvirt/1 probe"`
 }
 
 // ProtectedQMP records the dedicated QMP socket.
@@ -253,6 +258,10 @@ type ProtectedNIC struct {
 func ParseDomain(data []byte) (*Domain, error) {
 	var d Domain
 	if err := xml.Unmarshal(data, &d); err != nil {
+		var pe *probeError
+		if errors.As(err, &pe) {
+			return nil, fmt.Errorf("%w: %w (fix it with virsh edit, or replace it with ftctl libvirt prepare --probe-addr)", ErrBadXML, pe)
+		}
 		return nil, fmt.Errorf("%w: %v", ErrBadXML, err)
 	}
 	if d.Name == "" {

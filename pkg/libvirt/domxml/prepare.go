@@ -79,6 +79,16 @@ func Prepare(domainXML string, opts Options) (newXML, diff string, err error) {
 			"-mon", "chardev="+qmpChardev+",mode=control")
 		recs = append(recs, NewElement(Prefix+":qmp", "socket", sock))
 	}
+	if p.setProbe {
+		prot, _ := findProtection(root)
+		pfx := Prefix
+		if prot != nil {
+			pfx = protPrefix(prot)
+		}
+		if n := p.fixProbe(prot, pfx); n != nil {
+			recs = append(recs, n)
+		}
+	}
 	if len(recs) > 0 || p.setPeer || p.setPolicy {
 		prot := p.addMetadata(root, recs)
 		if p.setPeer {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strconv"
 	"time"
 
 	"github.com/urfave/cli/v3"
@@ -27,16 +28,20 @@ func libvirtCommand() *cli.Command {
 		&cli.StringFlag{Name: "socket-dir", Usage: "directory of the agent's sockets for this domain (default /run/ftctl/vms/DOMAIN)"},
 		&cli.StringFlag{Name: "peer", Usage: "peer agent HOST:PORT to record in the domain's ftctl metadata; the hook pairs the domain with it when it starts"},
 		&cli.StringFlag{Name: "policy", Usage: "hook policy to record: auto (pair on start, unpair on stop; the default with a peer) or manual"},
+		&cli.StringSliceFlag{Name: "probe-addr", Usage: "the VM's LAN `IP` address for the failure probe (repeatable); replaces the recorded probe"},
+		&cli.StringSliceFlag{Name: "probe-tcp", Usage: "a TCP `PORT` of a service the VM runs, for the failure probe (repeatable; needs --probe-addr)"},
+		&cli.BoolFlag{Name: "no-probe", Usage: "remove the recorded failure probe"},
 	}
 	return &cli.Command{
 		Name:  "libvirt",
 		Usage: "protect libvirt-managed domains: check, prepare, install the hook",
 		Commands: []*cli.Command{
 			{
-				Name:      "check",
-				Usage:     "list what a domain needs before ftctl can protect it, and why",
-				ArgsUsage: "DOMAIN",
-				Flags:     append([]cli.Flag{connect}, prepFlags...),
+				Name:        "check",
+				Usage:       "list what a domain needs before ftctl can protect it, and why",
+				ArgsUsage:   "DOMAIN",
+				Description: "check reads the domain's persistent definition; the options say what prepare would be run with.\n\n" + probeHelp,
+				Flags:       append([]cli.Flag{connect}, prepFlags...),
 				Action: func(ctx context.Context, cmd *cli.Command) error {
 					name, err := oneDomain(cmd)
 					if err != nil {
@@ -89,7 +94,9 @@ func libvirtCommand() *cli.Command {
 definition to a backup file it names and redefines the domain. A running
 domain keeps running as it is: libvirt applies a new definition only when
 the domain next starts (shut down and start; a guest reboot is not enough),
-so prepare refuses a running domain unless --next-start says that is fine.`,
+so prepare refuses a running domain unless --next-start says that is fine.
+
+` + probeHelp,
 				Flags: append([]cli.Flag{connect,
 					&cli.BoolFlag{Name: "dry-run", Usage: "show the diff only"},
 					&cli.BoolFlag{Name: "next-start", Usage: "redefine a running domain; the change takes effect at its next start"},
@@ -186,6 +193,18 @@ it starts: restart it after the first install.`,
 	}
 }
 
+// probeHelp explains the failure probe options of check and prepare.
+const probeHelp = `The failure probe (--probe-addr, --probe-tcp): when the secondary loses the
+replication link it must tell a dead primary from a broken link before it
+takes over. It pings the VM's LAN addresses recorded here and tries the
+given TCP ports, as a client of the VM would: if the VM still answers, its
+primary lives and the secondary does not promote. Without a probe address
+only a management network heartbeat or a witness can decide; on its own the
+secondary will not promote. Give the addresses the VM's clients use (not
+loopback); the probe is stored in the domain's ftctl metadata, replaced as a
+whole by new --probe-addr values, kept when none are given, and removed by
+--no-probe.`
+
 // hookCommand is `ftctl hook`, run by libvirt as /etc/libvirt/hooks/qemu.
 // It exits non-zero only when the agent did not prepare an ftctl domain
 // about to start (QEMU could not connect to its sockets anyway), with a
@@ -250,6 +269,28 @@ func prepareOptions(cmd *cli.Command) (domxml.Options, error) {
 		if err := domxml.ValidPeer(opts.Peer); err != nil {
 			return opts, cli.Exit("--peer: "+err.Error(), 2)
 		}
+	}
+	addrs, tcp := cmd.StringSlice("probe-addr"), cmd.StringSlice("probe-tcp")
+	var ports []int
+	for _, s := range tcp {
+		n, err := strconv.Atoi(s)
+		if err != nil || n < 1 || n > 65535 {
+			return opts, cli.Exit(fmt.Sprintf("--probe-tcp %q: want a TCP port number in 1..65535", s), 2)
+		}
+		ports = append(ports, n)
+	}
+	switch {
+	case cmd.Bool("no-probe") && (len(addrs) > 0 || len(ports) > 0):
+		return opts, cli.Exit("--no-probe removes the probe: it cannot be given with --probe-addr or --probe-tcp", 2)
+	case cmd.Bool("no-probe"):
+		opts.ProbeAddrs = []string{}
+	case len(addrs) == 0 && len(ports) > 0:
+		return opts, cli.Exit("--probe-tcp needs --probe-addr: the probe is recorded as a whole (give the VM's addresses again)", 2)
+	case len(addrs) > 0:
+		if _, err := domxml.NewProbe(addrs, ports); err != nil {
+			return opts, cli.Exit("--probe-addr/--probe-tcp: "+err.Error(), 2)
+		}
+		opts.ProbeAddrs, opts.ProbeTCPPorts = addrs, ports
 	}
 	return opts, nil
 }

@@ -45,11 +45,14 @@ type Agent struct {
 	// refused: a replica shim refused a pairing (it exits once idle,
 	// rather than waiting a minute for a VM).
 	refused bool
-	peerLn  *wire.Listener
-	hbSrv   *failover.HeartbeatServer
-	ctl     net.Listener
-	srv     *http.Server
-	closed  bool
+	// served: a VM, replica or prepared domain was taken on (a shim whose
+	// VM is gone again exits, however briefly the VM stayed).
+	served bool
+	peerLn *wire.Listener
+	hbSrv  *failover.HeartbeatServer
+	ctl    net.Listener
+	srv    *http.Server
+	closed bool
 }
 
 // New checks the configuration and prepares the agent's directories.
@@ -372,6 +375,7 @@ func (a *Agent) acceptProtect(ctx context.Context, m message) (*replicaVM, error
 	}
 	a.mu.Lock()
 	a.replicas[m.VM] = r
+	a.served = true
 	a.mu.Unlock()
 	return r, nil
 }
@@ -458,6 +462,7 @@ func (a *Agent) StartVM(ctx context.Context, spec vm.Spec, probe ProbeSpec) (VMS
 	}
 	a.mu.Lock()
 	a.guests[spec.Name] = gu
+	a.served = true
 	a.mu.Unlock()
 	return gu.status(), nil
 }

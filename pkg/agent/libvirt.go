@@ -337,6 +337,9 @@ func (a *Agent) PrepareDomain(ctx context.Context, name string, domainXML []byte
 		a.lv.prepared = map[string]*preparedDomain{}
 	}
 	a.lv.prepared[name] = pd
+	a.mu.Lock()
+	a.served = true
+	a.mu.Unlock()
 	// A record from now on: a restarted agent finds this domain's shim
 	// by it, or, without shims, reports the domain lost.
 	a.saveRecord(record{Name: name, Role: RolePrimary, State: StateUnprotected, Spec: pd.spec, Libvirt: true})

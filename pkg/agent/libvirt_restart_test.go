@@ -319,3 +319,111 @@ func TestLibvirtAgentKillKeepsDomain(t *testing.T) {
 		}
 	}
 }
+
+// TestLibvirtShimDeathLeavesLost: with shims, a libvirt domain's shim
+// serves its devices; when that shim dies (kill -9) the agent, which
+// still runs, reports the domain lost rather than dropping it, and the
+// domain's next start (prepare) gets a new shim. (No libvirtd needed.)
+func TestLibvirtShimDeathLeavesLost(t *testing.T) {
+	ctx := testenv.Deadline(t, 60*time.Second)
+	wca, err := wire.NewCA("test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, key, err := wca.Issue("host-a", []string{"127.0.0.1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	creds, err := wire.CredentialsFromPEM(wca.CertPEM(), cert, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir, err := os.MkdirTemp("", "ftlost")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	sc := shimConf{Name: "host-a", StateDir: filepath.Join(dir, "state"), RunDir: filepath.Join(dir, "run"),
+		RAMDir: filepath.Join(dir, "ram"), CA: wca.CertPEM(), Cert: cert, Key: key, Verbose: true}
+	a, err := agent.New(agent.Config{Name: sc.Name, StateDir: sc.StateDir, RunDir: sc.RunDir, RAMDir: sc.RAMDir,
+		Credentials: creds, Logger: quiet, ShimCommand: shimCommand(t, sc)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	actx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- a.Run(actx) }()
+	var shims []int
+	t.Cleanup(func() {
+		cancel()
+		<-done
+		a.Close()
+		for _, pid := range shims {
+			if !isZombie(pid) {
+				syscall.Kill(pid, syscall.SIGKILL)
+			}
+		}
+	})
+	c := agent.NewClient(a.ControlSocket())
+	for {
+		if _, err := c.List(ctx); err == nil {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatal(ctx.Err())
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	disk := filepath.Join(dir, "disk.raw")
+	os.WriteFile(disk, nil, 0o600)
+	os.Truncate(disk, 16<<20)
+	prepared, _, err := domxml.Prepare(libvirttest.GuestDomain{
+		Name: "web", Kernel: "/boot/vmlinuz", Initrd: "/boot/initrd",
+		Devices: "    <disk type='file' device='disk'>\n      <driver name='qemu' type='raw'/>\n      <source file='" + disk + "'/>\n      <target dev='vda' bus='virtio'/>\n    </disk>\n",
+	}.XML(), domxml.Options{SocketDir: filepath.Join(dir, "sock")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.PrepareDomain(ctx, "web", []byte(prepared)); err != nil {
+		t.Fatal(err)
+	}
+	s, err := c.Get(ctx, "web")
+	if err != nil || s.ShimPID == 0 || s.ShimPID == os.Getpid() || !strings.Contains(s.Reason, "prepared") {
+		t.Fatalf("a prepared domain should be served by a shim: %+v, %v", s, err)
+	}
+	shims = append(shims, s.ShimPID)
+	syscall.Kill(s.ShimPID, syscall.SIGKILL)
+	for {
+		l, err := c.Get(ctx, "web")
+		if err == nil && strings.HasPrefix(l.Reason, "lost:") {
+			if !strings.Contains(l.Reason, "shim") || l.ShimPID != 0 {
+				t.Fatalf("lost domain: %+v", l)
+			}
+			break
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("after its shim died the domain shows %+v, %v; want it lost", l, err)
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	if err := c.PrepareDomain(ctx, "web", []byte(prepared)); err != nil {
+		t.Fatalf("prepare after the shim died: %v", err)
+	}
+	s2, err := c.Get(ctx, "web")
+	if err != nil || s2.ShimPID == 0 || s2.ShimPID == s.ShimPID || !strings.Contains(s2.Reason, "prepared") {
+		t.Fatalf("prepared again: %+v, %v; the dead shim was %d", s2, err, s.ShimPID)
+	}
+	shims = append(shims, s2.ShimPID)
+	if err := c.Stop(ctx, "web"); err != nil {
+		t.Fatal(err)
+	}
+	for !isZombie(s2.ShimPID) {
+		select {
+		case <-ctx.Done():
+			t.Fatalf("shim %d still runs after its prepared domain was stopped", s2.ShimPID)
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}

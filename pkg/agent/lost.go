@@ -41,33 +41,38 @@ func (a *Agent) loadLost() {
 		return
 	}
 	for _, e := range ents {
-		if !strings.HasSuffix(e.Name(), ".json") {
-			continue
+		if name, ok := strings.CutSuffix(e.Name(), ".json"); ok {
+			a.noteLost(name)
 		}
-		b, err := os.ReadFile(filepath.Join(a.cfg.StateDir, "vms", e.Name()))
-		if err != nil {
-			continue
+	}
+}
+
+// noteLost keeps VM name as lost if its record names a libvirt domain
+// this host runs and no shim serves it.
+func (a *Agent) noteLost(name string) {
+	b, err := os.ReadFile(a.recordPath(name))
+	if err != nil {
+		return
+	}
+	var r record
+	if json.Unmarshal(b, &r) != nil || r.Name != name || !r.Libvirt || r.Role != RolePrimary || checkShimName(r.Name) != nil {
+		return
+	}
+	owner := "agent"
+	if len(a.cfg.ShimCommand) > 0 {
+		owner = "shim"
+	}
+	a.mu.Lock()
+	_, shim := a.shims[r.Name]
+	if !shim {
+		if a.lost == nil {
+			a.lost = map[string]*lostVM{}
 		}
-		var r record
-		if json.Unmarshal(b, &r) != nil || !r.Libvirt || r.Role != RolePrimary || checkShimName(r.Name) != nil {
-			continue
-		}
-		owner := "agent"
-		if len(a.cfg.ShimCommand) > 0 {
-			owner = "shim"
-		}
-		a.mu.Lock()
-		_, shim := a.shims[r.Name]
-		if !shim {
-			if a.lost == nil {
-				a.lost = map[string]*lostVM{}
-			}
-			a.lost[r.Name] = &lostVM{rec: r, since: time.Now(), owner: owner}
-		}
-		a.mu.Unlock()
-		if !shim {
-			a.log.Warn("libvirt domain lost: the process that served its devices is gone", "vm", r.Name, "was", r.State, "owner", owner)
-		}
+		a.lost[r.Name] = &lostVM{rec: r, since: time.Now(), owner: owner}
+	}
+	a.mu.Unlock()
+	if !shim {
+		a.log.Warn("libvirt domain lost: the process that served its devices is gone", "vm", r.Name, "was", r.State, "owner", owner)
 	}
 }
 

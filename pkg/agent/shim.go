@@ -488,8 +488,18 @@ func (a *Agent) shimStatus(sp *shimProc) (VMStatus, bool) {
 	ctx, cancel := context.WithTimeout(context.Background(), shimTimeout)
 	defer cancel()
 	st, err := sp.c.Get(ctx, sp.name)
-	if errors.Is(err, ErrNotFound) || (err != nil && sp.gone()) {
+	if errors.Is(err, ErrNotFound) {
 		a.dropShim(sp)
+		return VMStatus{}, false
+	}
+	if err != nil && sp.gone() {
+		a.dropShim(sp)
+		// A shim that died with its VM's record left behind: a libvirt
+		// domain runs on without its devices.
+		a.noteLost(sp.name)
+		if l := a.lostFor(sp.name); l != nil {
+			return l.status(), true
+		}
 		return VMStatus{}, false
 	}
 	if err != nil {
@@ -588,13 +598,13 @@ func (a *Agent) shimIdleExit(ctx context.Context, errc <-chan error) error {
 		// busy: a pairing being accepted (a replica replaced by a new
 		// one is briefly in neither map).
 		n := len(a.guests) + len(a.replicas) + a.busy + len(a.lv.prepared)
-		refused := a.refused
+		gone := a.refused || a.served
 		a.mu.Unlock()
 		a.lv.mu.Unlock()
 		switch {
 		case n > 0:
 			had = true
-		case had || refused:
+		case had || gone:
 			a.log.Info("VM gone; shim exits")
 			return nil
 		case time.Since(start) > time.Minute:

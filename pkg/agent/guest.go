@@ -275,8 +275,8 @@ func (g *guest) vmLost(p *protection, reason string) {
 	})
 }
 
-// tellVMLost sends opVMLost on the replication link, or on a new link if
-// that one is gone.
+// tellVMLost sends opVMLost on the replication link and again on a new
+// link (or only there, if the replication link is gone).
 func (g *guest) tellVMLost(p *protection, reason string) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
@@ -285,13 +285,31 @@ func (g *guest) tellVMLost(p *protection, reason string) error {
 	err := sendMsg(sctx, p.conn, m)
 	scancel()
 	if err == nil {
+		// Sent, but not necessarily read: closing the link with the
+		// secondary's acknowledgements unread resets it, and a secondary
+		// whose next write fails may end the link before it reads the
+		// report. So it goes again on a link of its own, answered, while
+		// this one is still open. (A secondary that already acted on the
+		// first may refuse the second: it knows.)
+		if cerr := g.sendVMLost(ctx, p, m); cerr != nil {
+			g.a.log.Info("vm-lost report not confirmed on a second link", "vm", g.name, "peer", p.peer, "err", cerr)
+		}
 		return nil
 	}
+	if nerr := g.sendVMLost(ctx, p, m); nerr != nil {
+		return fmt.Errorf("on the link: %v; on a new link: %w", err, nerr)
+	}
+	return nil
+}
+
+// sendVMLost sends a vm-lost report on a new link to the VM's replica
+// (its shim, or the peer's agent) and waits for the answer.
+func (g *guest) sendVMLost(ctx context.Context, p *protection, m message) error {
 	// A new link goes to the replica's shim when the peer runs replicas
 	// in shims (remembered from the pairing, or by redirect).
-	l, derr := g.a.dialReplica(ctx, g.name, p.peer)
-	if derr != nil {
-		return fmt.Errorf("on the link: %v; on a new link: %w", err, derr)
+	l, err := g.a.dialReplica(ctx, g.name, p.peer)
+	if err != nil {
+		return err
 	}
 	l, reply, err := g.a.askReplica(ctx, l, g.name, p.peer, m, 5*time.Second)
 	if err != nil {

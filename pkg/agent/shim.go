@@ -364,6 +364,18 @@ func (a *Agent) replicaShimAddr(ctx context.Context, m message) (string, error) 
 			info, err = sp.c.ShimInfo(ictx)
 		}
 		cancel()
+		if errors.Is(err, ErrNotFound) && m.Op == opProtect {
+			// No replica there right now, but the shim answers: it is
+			// replacing its replica (a re-pairing that went straight to
+			// it), or about to exit. It takes the request itself; if it
+			// has exited by then, the primary asks again later.
+			ictx, cancel := context.WithTimeout(ctx, shimTimeout)
+			info, ierr := sp.c.ShimInfo(ictx)
+			cancel()
+			if ierr == nil && info.PeerAddr != "" && sp.lastRole() == RoleSecondary {
+				return info.PeerAddr, nil
+			}
+		}
 		switch {
 		case err != nil:
 			if m.Op != opProtect {

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -559,6 +560,10 @@ func (a *Agent) StopVM(ctx context.Context, name string) error {
 
 // Status lists the VMs (or one).
 func (a *Agent) Status(name string) ([]VMStatus, error) {
+	// Prepared domains first: adopting one moves it to the guests under
+	// lv.mu, so it is seen in one list or the other (or both: the guest
+	// wins), never in neither.
+	prep := a.preparedStatus(name)
 	a.mu.Lock()
 	var gs []*guest
 	var rs []*replicaVM
@@ -594,7 +599,11 @@ func (a *Agent) Status(name string) ([]VMStatus, error) {
 	for _, l := range ls {
 		out = append(out, l.status())
 	}
-	out = append(out, a.preparedStatus(name)...)
+	for _, p := range prep {
+		if !slices.ContainsFunc(gs, func(g *guest) bool { return g.name == p.Name }) {
+			out = append(out, p)
+		}
+	}
 	if name != "" && len(gs)+len(rs)+len(out) == 0 {
 		return nil, fmt.Errorf("%w: %s", ErrNotFound, name)
 	}

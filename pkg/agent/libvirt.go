@@ -119,10 +119,13 @@ type libvirtState struct {
 
 // preparedDomain is a domain whose devices the agent opened for libvirt.
 type preparedDomain struct {
-	xml    string
-	since  time.Time
-	prot   *domxml.Protection
-	spec   vm.Spec
+	xml   string
+	since time.Time
+	prot  *domxml.Protection
+	spec  vm.Spec
+	// probe is how the secondary's arbiter reaches the VM on its LAN,
+	// recorded by `ftctl libvirt prepare --probe-addr`.
+	probe  ProbeSpec
 	serial string
 	accel  string
 	dev    *devices
@@ -230,6 +233,8 @@ func parsePrepared(name string, domainXML []byte) (*preparedDomain, error) {
 		}
 		pd.spec.NICs = append(pd.spec.NICs, vm.NIC{MAC: n.MAC})
 	}
+	addrs, ports := prot.ProbeSpec()
+	pd.probe = ProbeSpec{Addrs: addrs, TCPPorts: ports}
 	pd.serial = serialFile(domainXML)
 	return pd, nil
 }
@@ -481,7 +486,7 @@ func (a *Agent) adopt(ctx context.Context, name string, domainXML []byte) (*gues
 	delete(a.lv.prepared, name)
 	// The XML of the running domain is what the standby copies: the
 	// same devices at the same addresses.
-	g := &guest{a: a, name: name, spec: pd.spec, dev: pd.dev, m: lm, domain: string(domainXML)}
+	g := &guest{a: a, name: name, spec: pd.spec, probe: pd.probe, dev: pd.dev, m: lm, domain: string(domainXML)}
 	a.mu.Lock()
 	a.guests[name] = g
 	a.mu.Unlock()

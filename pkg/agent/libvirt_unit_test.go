@@ -2,6 +2,7 @@ package agent
 
 import (
 	"errors"
+	"slices"
 	"strings"
 	"testing"
 
@@ -63,6 +64,28 @@ func TestParsePrepared(t *testing.T) {
 	}
 	if pd.serial != "/var/log/web.serial" {
 		t.Errorf("serial %q", pd.serial)
+	}
+}
+
+// TestParsePreparedProbe: the LAN probe recorded by prepare --probe-addr
+// becomes the adopted VM's probe, which travels to the secondary's arbiter.
+func TestParsePreparedProbe(t *testing.T) {
+	pd, err := parsePrepared("web", []byte(prepare(t, domxml.Options{})))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(pd.probe.Addrs) != 0 || len(pd.probe.TCPPorts) != 0 {
+		t.Errorf("no probe recorded, got %+v", pd.probe)
+	}
+	x := prepare(t, domxml.Options{ProbeAddrs: []string{"10.0.0.5", "FD00::5"}, ProbeTCPPorts: []int{22, 80}})
+	if pd, err = parsePrepared("web", []byte(x)); err != nil {
+		t.Fatal(err)
+	}
+	if want := []string{"10.0.0.5", "fd00::5"}; !slices.Equal(pd.probe.Addrs, want) {
+		t.Errorf("probe addresses %v, want %v", pd.probe.Addrs, want)
+	}
+	if want := []int{22, 80}; !slices.Equal(pd.probe.TCPPorts, want) {
+		t.Errorf("probe ports %v, want %v", pd.probe.TCPPorts, want)
 	}
 }
 

@@ -2,12 +2,8 @@ package agent
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"os"
-	"path/filepath"
-	"strings"
 	"time"
 
 	"github.com/ftctl/ftctl/pkg/libvirt"
@@ -36,26 +32,21 @@ type lostVM struct {
 // and keeps those of libvirt domains as lost. Records of VMs the agent
 // started itself die with their QEMU's devices and are left as before.
 func (a *Agent) loadLost() {
-	ents, err := os.ReadDir(filepath.Join(a.cfg.StateDir, "vms"))
-	if err != nil {
-		return
-	}
-	for _, e := range ents {
-		if name, ok := strings.CutSuffix(e.Name(), ".json"); ok {
-			a.noteLost(name)
-		}
+	for _, r := range a.records() {
+		a.noteLostRecord(r)
 	}
 }
 
 // noteLost keeps VM name as lost if its record names a libvirt domain
 // this host runs and no shim serves it.
 func (a *Agent) noteLost(name string) {
-	b, err := os.ReadFile(a.recordPath(name))
-	if err != nil {
-		return
+	if r, ok := a.loadRecord(name); ok {
+		a.noteLostRecord(r)
 	}
-	var r record
-	if json.Unmarshal(b, &r) != nil || r.Name != name || !r.Libvirt || r.Role != RolePrimary || checkShimName(r.Name) != nil {
+}
+
+func (a *Agent) noteLostRecord(r record) {
+	if !r.Libvirt || r.Role != RolePrimary || checkShimName(r.Name) != nil {
 		return
 	}
 	owner := "agent"

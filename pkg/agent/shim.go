@@ -33,7 +33,6 @@ package agent
 import (
 	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -461,20 +460,8 @@ func (sp *shimProc) waitReady(ctx context.Context, pid int, wait time.Duration) 
 // keeps) that outlived a previous agent: a record on disk says the VM exists, the
 // shim's socket answering says its shim is alive.
 func (a *Agent) discoverShims(ctx context.Context) {
-	ents, err := os.ReadDir(filepath.Join(a.cfg.StateDir, "vms"))
-	if err != nil {
-		return
-	}
-	for _, e := range ents {
-		if !strings.HasSuffix(e.Name(), ".json") {
-			continue
-		}
-		b, err := os.ReadFile(filepath.Join(a.cfg.StateDir, "vms", e.Name()))
-		if err != nil {
-			continue
-		}
-		var r record
-		if json.Unmarshal(b, &r) != nil || (r.Role != RolePrimary && r.Role != RoleSecondary) || checkShimName(r.Name) != nil {
+	for _, r := range a.records() {
+		if (r.Role != RolePrimary && r.Role != RoleSecondary) || checkShimName(r.Name) != nil {
 			continue
 		}
 		sp := &shimProc{name: r.Name, socket: ShimSocket(a.cfg.RunDir, r.Name), role: r.Role}

@@ -6,8 +6,10 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
+	"github.com/ftctl/ftctl/internal/fsutil"
 	"github.com/ftctl/ftctl/pkg/vm"
 )
 
@@ -135,14 +137,41 @@ func (a *Agent) saveRecord(r record) error {
 	if err != nil {
 		return err
 	}
-	tmp := p + ".tmp"
-	if err := os.WriteFile(tmp, b, 0o600); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp, p); err != nil {
+	if err := fsutil.WriteFileAtomic(p, b, 0o600); err != nil {
 		return fmt.Errorf("save state of %s: %w", r.Name, err)
 	}
 	return nil
+}
+
+// loadRecord reads VM name's record; false when there is none or it does
+// not parse as the record of that VM.
+func (a *Agent) loadRecord(name string) (record, bool) {
+	b, err := os.ReadFile(a.recordPath(name))
+	if err != nil {
+		return record{}, false
+	}
+	var r record
+	if json.Unmarshal(b, &r) != nil || r.Name != name {
+		return record{}, false
+	}
+	return r, true
+}
+
+// records reads every VM record on disk, skipping unreadable ones.
+func (a *Agent) records() []record {
+	ents, err := os.ReadDir(filepath.Join(a.cfg.StateDir, "vms"))
+	if err != nil {
+		return nil
+	}
+	var out []record
+	for _, e := range ents {
+		if name, ok := strings.CutSuffix(e.Name(), ".json"); ok {
+			if r, ok := a.loadRecord(name); ok {
+				out = append(out, r)
+			}
+		}
+	}
+	return out
 }
 
 func (a *Agent) removeRecord(name string) {

@@ -272,48 +272,72 @@ func TestLibvirtDomainFailover(t *testing.T) {
 	}
 }
 
-// TestLibvirtDomainShutdown: a protected libvirt domain shut down through
-// libvirt (virsh destroy: QEMU announces SHUTDOWN) is not failed over: B
-// drops its standby domain, and A forgets the VM once libvirt says so.
-func TestLibvirtDomainShutdown(t *testing.T) {
+// protectedDomain is the setup most libvirt tests share: two private
+// libvirtds, an agent for each, and the prepared test guest started under
+// A's libvirt through PrepareDomain and AdoptDomain, protected on B.
+type protectedDomain struct {
+	ctx          context.Context
+	hostA, hostB *libvirttest.Daemon
+	ca, cb       *libvirt.Conn
+	A, B         *host
+}
+
+func newProtectedDomain(t *testing.T, deadline time.Duration) *protectedDomain {
+	t.Helper()
 	testenv.Guest(t)
-	hostA := libvirttest.Start(t, libvirttest.Options{})
-	hostB := libvirttest.Start(t, libvirttest.Options{})
-	ca, cb := hostA.Conn(t), hostB.Conn(t)
-	ctx := testenv.Deadline(t, 120*time.Second)
+	p := &protectedDomain{
+		hostA: libvirttest.Start(t, libvirttest.Options{}),
+		hostB: libvirttest.Start(t, libvirttest.Options{}),
+		ctx:   testenv.Deadline(t, deadline),
+	}
+	p.ca, p.cb = p.hostA.Conn(t), p.hostB.Conn(t)
 	wca, err := wire.NewCA("test")
 	if err != nil {
 		t.Fatal(err)
 	}
-	A := newLibvirtHost(t, wca, "host-a", hostA.Socket)
-	B := newLibvirtHost(t, wca, "host-b", hostB.Socket)
+	p.A = newLibvirtHost(t, wca, "host-a", p.hostA.Socket)
+	p.B = newLibvirtHost(t, wca, "host-b", p.hostB.Socket)
 	dir, err := os.MkdirTemp("", "ftlvd")
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	disk := filepath.Join(dir, "disk.raw")
-	os.WriteFile(disk, nil, 0o600)
-	os.Truncate(disk, 16<<20)
+	if err := os.WriteFile(disk, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(disk, 16<<20); err != nil {
+		t.Fatal(err)
+	}
 	prepared := preparedGuest(t, filepath.Join(dir, "a"), disk)
-	if err := ca.Define(ctx, prepared); err != nil {
+	ctx := p.ctx
+	if err := p.ca.Define(ctx, prepared); err != nil {
 		t.Fatal(err)
 	}
-	if err := A.c.PrepareDomain(ctx, "web", []byte(prepared)); err != nil {
+	if err := p.A.c.PrepareDomain(ctx, "web", []byte(prepared)); err != nil {
 		t.Fatal(err)
 	}
-	if err := ca.Start(ctx, "web", false); err != nil {
-		t.Fatalf("start on A: %v\n%s", err, hostA.QEMULog("web"))
+	if err := p.ca.Start(ctx, "web", false); err != nil {
+		t.Fatalf("start on A: %v\n%s", err, p.hostA.QEMULog("web"))
 	}
-	live, err := ca.XML(ctx, "web", false)
+	live, err := p.ca.XML(ctx, "web", false)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := A.c.AdoptDomain(ctx, "web", []byte(live), B.a.PeerAddr()); err != nil {
+	if _, err := p.A.c.AdoptDomain(ctx, "web", []byte(live), p.B.a.PeerAddr()); err != nil {
 		t.Fatal(err)
 	}
-	A.waitState(t, ctx, "web", agent.StateProtected)
-	B.waitState(t, ctx, "web", agent.StateStandby)
+	p.A.waitState(t, ctx, "web", agent.StateProtected)
+	p.B.waitState(t, ctx, "web", agent.StateStandby)
+	return p
+}
+
+// TestLibvirtDomainShutdown: a protected libvirt domain shut down through
+// libvirt (virsh destroy: QEMU announces SHUTDOWN) is not failed over: B
+// drops its standby domain, and A forgets the VM once libvirt says so.
+func TestLibvirtDomainShutdown(t *testing.T) {
+	p := newProtectedDomain(t, 120*time.Second)
+	ctx, A, B, ca, cb := p.ctx, p.A, p.B, p.ca, p.cb
 	if err := ca.Destroy(ctx, "web"); err != nil {
 		t.Fatal(err)
 	}
@@ -346,44 +370,8 @@ func TestLibvirtDomainShutdown(t *testing.T) {
 // agent stops A's domain through A's libvirt, and stopping the VM on B
 // stops B's libvirt domain.
 func TestLibvirtDomainSwitchover(t *testing.T) {
-	testenv.Guest(t)
-	hostA := libvirttest.Start(t, libvirttest.Options{})
-	hostB := libvirttest.Start(t, libvirttest.Options{})
-	ca, cb := hostA.Conn(t), hostB.Conn(t)
-	ctx := testenv.Deadline(t, 120*time.Second)
-	wca, err := wire.NewCA("test")
-	if err != nil {
-		t.Fatal(err)
-	}
-	A := newLibvirtHost(t, wca, "host-a", hostA.Socket)
-	B := newLibvirtHost(t, wca, "host-b", hostB.Socket)
-	dir, err := os.MkdirTemp("", "ftlvd")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	disk := filepath.Join(dir, "disk.raw")
-	os.WriteFile(disk, nil, 0o600)
-	os.Truncate(disk, 16<<20)
-	prepared := preparedGuest(t, filepath.Join(dir, "a"), disk)
-	if err := ca.Define(ctx, prepared); err != nil {
-		t.Fatal(err)
-	}
-	if err := A.c.PrepareDomain(ctx, "web", []byte(prepared)); err != nil {
-		t.Fatal(err)
-	}
-	if err := ca.Start(ctx, "web", false); err != nil {
-		t.Fatalf("start on A: %v\n%s", err, hostA.QEMULog("web"))
-	}
-	live, err := ca.XML(ctx, "web", false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := A.c.AdoptDomain(ctx, "web", []byte(live), B.a.PeerAddr()); err != nil {
-		t.Fatal(err)
-	}
-	A.waitState(t, ctx, "web", agent.StateProtected)
-	B.waitState(t, ctx, "web", agent.StateStandby)
+	p := newProtectedDomain(t, 120*time.Second)
+	ctx, A, B, ca, cb, hostA := p.ctx, p.A, p.B, p.ca, p.cb, p.hostA
 	readSerial(t, ctx, serialOf(hostA), func(b []byte) bool { return counterlog.Last(b) >= 10 })
 
 	res, err := A.c.Failover(ctx, "web")
@@ -397,7 +385,7 @@ func TestLibvirtDomainSwitchover(t *testing.T) {
 	if st, err := cb.State(ctx, "web"); err != nil || st.Code != libvirt.StateRunning {
 		t.Fatalf("B's libvirt after the switchover: %v %v", st, err)
 	}
-	after := readSerial(t, ctx, serialOf(hostB), func(b []byte) bool { return counterlog.Last(b) >= counterlog.Last(atHandover)+5 })
+	after := readSerial(t, ctx, serialOf(p.hostB), func(b []byte) bool { return counterlog.Last(b) >= counterlog.Last(atHandover)+5 })
 	if _, err := counterlog.Check(counterlog.Values(counterlog.Stitch(atHandover, after))); err != nil {
 		t.Fatalf("counter across the switchover: %v", err)
 	}

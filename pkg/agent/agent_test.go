@@ -39,14 +39,7 @@ type host struct {
 
 func newHost(t *testing.T, ca *wire.CA, name string) *host {
 	t.Helper()
-	cert, key, err := ca.Issue(name, []string{"127.0.0.1"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	creds, err := wire.CredentialsFromPEM(ca.CertPEM(), cert, key)
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, _, creds := issueCreds(t, ca, name)
 	dir := t.TempDir()
 	a, err := agent.New(agent.Config{
 		Name: name, StateDir: filepath.Join(dir, "state"), RunDir: filepath.Join(dir, "run"), RAMDir: filepath.Join(dir, "ram"),
@@ -285,4 +278,18 @@ func TestHungPrimary(t *testing.T) {
 	if vals := counterlog.Values(after); len(vals) == 0 || vals[0] > counterlog.Last(before)+1 {
 		t.Fatalf("B resumed at counter %v, but A had only reached %d", vals, counterlog.Last(before))
 	}
+}
+
+// issueCreds issues name a certificate from ca for 127.0.0.1: the PEM
+// files a shim is started with, and the link credentials an agent uses.
+func issueCreds(t *testing.T, ca *wire.CA, name string) (cert, key []byte, creds *wire.Credentials) {
+	t.Helper()
+	cert, key, err := ca.Issue(name, []string{"127.0.0.1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if creds, err = wire.CredentialsFromPEM(ca.CertPEM(), cert, key); err != nil {
+		t.Fatal(err)
+	}
+	return cert, key, creds
 }

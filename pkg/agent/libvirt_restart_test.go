@@ -32,14 +32,7 @@ func TestLibvirtLostAfterRestart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cert, key, err := wca.Issue("host-a", []string{"127.0.0.1"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	creds, err := wire.CredentialsFromPEM(wca.CertPEM(), cert, key)
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, _, creds := issueCreds(t, wca, "host-a")
 	dir, err := os.MkdirTemp("", "ftlost")
 	if err != nil {
 		t.Fatal(err)
@@ -330,14 +323,7 @@ func TestLibvirtShimDeathLeavesLost(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cert, key, err := wca.Issue("host-a", []string{"127.0.0.1"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	creds, err := wire.CredentialsFromPEM(wca.CertPEM(), cert, key)
-	if err != nil {
-		t.Fatal(err)
-	}
+	cert, key, creds := issueCreds(t, wca, "host-a")
 	dir, err := os.MkdirTemp("", "ftlost")
 	if err != nil {
 		t.Fatal(err)

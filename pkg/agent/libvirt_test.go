@@ -35,14 +35,7 @@ func serialOf(d *libvirttest.Daemon) string {
 // With FTCTL_SHIMS=true its VMs and replicas live in shims.
 func newLibvirtHost(t *testing.T, ca *wire.CA, name, libvirtSock string) *host {
 	t.Helper()
-	cert, key, err := ca.Issue(name, []string{"127.0.0.1"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	creds, err := wire.CredentialsFromPEM(ca.CertPEM(), cert, key)
-	if err != nil {
-		t.Fatal(err)
-	}
+	cert, key, creds := issueCreds(t, ca, name)
 	dir, err := os.MkdirTemp("", "ftag")
 	if err != nil {
 		t.Fatal(err)

@@ -8,7 +8,6 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
-	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -180,15 +179,6 @@ func newLibvirtBed(t *testing.T, o libvirtOptions) *libvirtBed {
 	img := testenv.Guest(t)
 	lb := &libvirtBed{}
 	c := newClusterWith(t, 3*time.Minute, func(c *cluster) {
-		// libvirttest starts each daemon with Pdeathsig, which the
-		// kernel sends when the thread that forked it exits, and
-		// testbed's namespace work ends the threads it locked: once
-		// one of them was the thread that forked a daemon, the daemon
-		// stopped in mid-test. Forking from this goroutine, locked to
-		// its thread until the daemons are stopped (cleanups run last
-		// in, first out), keeps that thread alive.
-		runtime.LockOSThread()
-		t.Cleanup(runtime.UnlockOSThread)
 		lb.hookLog = filepath.Join(c.root, "hook.log")
 		lb.hostA = libvirttest.Start(t, libvirttest.Options{BeforeStart: func(dir string) error {
 			r := c.cli("libvirt", "install-hook", "--dir", filepath.Join(dir, "etc", "hooks"),

@@ -17,6 +17,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -161,14 +162,27 @@ func start(ctx context.Context, dir, script string, opts Options) (*Daemon, erro
 	// Own process group, so Stop can reach the script's children too; and
 	// the script stops its daemons if this test binary dies.
 	d.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGTERM}
-	if err := d.cmd.Start(); err != nil {
-		logf.Close()
-		return nil, fmt.Errorf("libvirttest: start %s: %w", script, err)
-	}
+	// Pdeathsig fires when the thread that forked the child exits, not the
+	// process, and Go retires any thread whose goroutine locked it and never
+	// unlocked (pkg/testbed's namespace helpers do): a daemon forked from
+	// such a thread got SIGTERM mid-test. So fork from a goroutine pinned
+	// to its thread for the daemon's whole life.
+	started := make(chan error, 1)
 	go func() {
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		if err := d.cmd.Start(); err != nil {
+			started <- err
+			return
+		}
+		started <- nil
 		d.waitErr = d.cmd.Wait()
 		close(d.done)
 	}()
+	if err := <-started; err != nil {
+		logf.Close()
+		return nil, fmt.Errorf("libvirttest: start %s: %w", script, err)
+	}
 	if err := d.waitReady(ctx); err != nil {
 		return d, err
 	}

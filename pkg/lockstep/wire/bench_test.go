@@ -129,7 +129,7 @@ func rawTCPPair(b *testing.B) (Conn, Conn) {
 	return cs, ss
 }
 
-func tlsPair(b *testing.B) (Conn, Conn) {
+func tlsPair(b testing.TB) (Conn, Conn) {
 	ca, err := NewCA("bench")
 	if err != nil {
 		b.Fatal(err)
@@ -181,7 +181,7 @@ func BenchmarkEpochThroughput(b *testing.B) {
 		pair func(*testing.B) (Conn, Conn)
 	}{
 		{"raw-tcp", rawTCPPair},
-		{"tls-tcp", tlsPair},
+		{"tls-tcp", func(b *testing.B) (Conn, Conn) { return tlsPair(b) }},
 		{"pipe", func(*testing.B) (Conn, Conn) { return Pipe(16) }},
 	} {
 		b.Run(tc.name, func(b *testing.B) {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"sync"
+	"time"
 )
 
 // Pipe returns the two ends of an in-memory link. Each direction holds at
@@ -37,6 +38,23 @@ func (p *pipeEnd) Peer() string { return p.peer.name }
 
 func (p *pipeEnd) Close() error {
 	p.once.Do(func() { close(p.closed) })
+	return nil
+}
+
+// Shutdown closes the link and waits until the peer has taken every frame
+// sent (or closed its end too). A channel tells no one when it empties, so
+// this polls.
+func (p *pipeEnd) Shutdown(ctx context.Context) error {
+	p.Close()
+	t := time.NewTicker(time.Millisecond)
+	defer t.Stop()
+	for len(p.out) > 0 && !isDone(p.peer.closed) {
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			return fmt.Errorf("wire: shutdown: waiting for the peer to take %d frames: %w", len(p.out), ctx.Err())
+		}
+	}
 	return nil
 }
 

@@ -40,6 +40,8 @@ func TestConn(t *testing.T, newPair NewPair) {
 		{"CloseWakesLocal", testCloseWakesLocal},
 		{"CloseWakesBlockedSender", testCloseWakesBlockedSender},
 		{"DeliversBeforeClose", testDeliversBeforeClose},
+		{"FinalFrameDespiteUnreadTraffic", testFinalFrameDespiteUnreadTraffic},
+		{"ShutdownWaitsForPeer", testShutdown},
 		{"RefusesInvalidFrames", testInvalid},
 		{"Epochs", testEpochs},
 	}
@@ -425,6 +427,104 @@ func testDeliversBeforeClose(t *testing.T, newPair NewPair) {
 	}
 	if _, err := b.Recv(ctx); !errors.Is(err, wire.ErrClosed) {
 		t.Fatalf("Recv after the last frame returned %v, want ErrClosed", err)
+	}
+}
+
+// testFinalFrameDespiteUnreadTraffic: one end sends a last control frame
+// and closes while frames its peer sent (acks, heartbeats) lie unread; the
+// peer keeps writing and reads only later (it was busy). It must still
+// receive the last frame, then ErrClosed. On TCP, closing with unread data
+// resets the connection; a peer whose write then fails must not drop what
+// had already arrived, and the closing end should not reset at all.
+func testFinalFrameDespiteUnreadTraffic(t *testing.T, newPair NewPair) {
+	a, b := pair(t, newPair)
+	ctx := bounded(t)
+	// b's acks, unread by a. b stops writing at its first failure.
+	const before = 3 // within any link's buffering
+	var acked atomic.Int64
+	werr := make(chan error, 1)
+	stop := make(chan struct{})
+	go func() {
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				werr <- nil
+				return
+			default:
+			}
+			if err := b.Send(ctx, wire.Frame{Type: wire.TypeAck, Epoch: uint64(i)}); err != nil {
+				werr <- err
+				return
+			}
+			acked.Add(1)
+			time.Sleep(time.Millisecond)
+		}
+	}()
+	for acked.Load() < before {
+		time.Sleep(time.Millisecond)
+	}
+	if err := a.Send(ctx, wire.Frame{Type: wire.TypeBlock, Epoch: 1, Payload: pattern(5000, 1)}); err != nil {
+		t.Fatalf("send: %v", err)
+	}
+	if err := a.Send(ctx, wire.Frame{Type: wire.TypeControl, Epoch: 2, Payload: pattern(300, 2)}); err != nil {
+		t.Fatalf("send the last frame: %v", err)
+	}
+	if err := a.Close(); err != nil {
+		t.Fatalf("close: %v", err)
+	}
+	// b goes on writing for a while before it reads (or blocks: a does
+	// not read): a write failing in that time must not cost b the frames
+	// that had arrived.
+	var sendErr error
+	select {
+	case sendErr = <-werr:
+	case <-time.After(100 * time.Millisecond):
+	}
+	if sendErr != nil {
+		t.Logf("b's write after a's Close failed: %v", sendErr)
+	}
+	for i, want := range []struct {
+		typ  wire.Type
+		size int
+	}{{wire.TypeBlock, 5000}, {wire.TypeControl, 300}} {
+		f, err := b.Recv(ctx)
+		if err != nil {
+			t.Fatalf("recv frame %d sent before the peer closed (b's writer: %v): %v", i+1, sendErr, err)
+		}
+		checkFrame(t, f, want.typ, uint64(i+1), want.size, i+1)
+	}
+	if _, err := b.Recv(ctx); !errors.Is(err, wire.ErrClosed) {
+		t.Fatalf("Recv after the last frame returned %v, want ErrClosed", err)
+	}
+	close(stop)
+	if sendErr == nil {
+		<-werr
+	}
+}
+
+// testShutdown: Shutdown returns once the peer has taken the last frame and
+// seen the end of the link.
+func testShutdown(t *testing.T, newPair NewPair) {
+	a, b := pair(t, newPair)
+	ctx := bounded(t)
+	if err := a.Send(ctx, wire.Frame{Type: wire.TypeControl, Epoch: 7, Payload: pattern(300, 7)}); err != nil {
+		t.Fatalf("send: %v", err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- a.Shutdown(ctx) }()
+	f, err := b.Recv(ctx)
+	if err != nil {
+		t.Fatalf("recv the frame sent before Shutdown: %v", err)
+	}
+	checkFrame(t, f, wire.TypeControl, 7, 300, 7)
+	if _, err := b.Recv(ctx); !errors.Is(err, wire.ErrClosed) {
+		t.Fatalf("Recv after the last frame returned %v, want ErrClosed", err)
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("Shutdown, the peer having read everything: %v", err)
+	}
+	if err := a.Send(ctx, wire.Frame{Type: wire.TypeHeartbeat}); !errors.Is(err, wire.ErrClosed) {
+		t.Fatalf("Send after Shutdown returned %v, want ErrClosed", err)
 	}
 }
 

@@ -2,6 +2,7 @@ package lockstep
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -177,31 +178,40 @@ func (s *Secondary) send(ctx context.Context, c wire.Conn, f wire.Frame) error {
 // touched by bad input. Run returns the link's error (or a protocol
 // violation); the caller decides between waiting for a new link and
 // promoting.
+//
+// A failed write (an ACK or a heartbeat) does not end Run at once: the
+// primary may have sent its last message (that its VM died) and closed the
+// link just before, so Run goes on reading what had arrived until the link
+// ends there too (wire.Conn promises that it does).
 func (s *Secondary) Run(ctx context.Context, conn wire.Conn) error {
-	ctx, cancel := context.WithCancel(ctx)
+	hctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	hbErr := make(chan error, 1)
+	var sendErr sendFailure
+	hbDone := make(chan struct{})
 	go func() {
+		defer close(hbDone)
 		t := time.NewTicker(s.cfg.Heartbeat)
 		defer t.Stop()
 		for {
 			select {
-			case <-ctx.Done():
-				hbErr <- nil
+			case <-hctx.Done():
 				return
 			case <-t.C:
-				if err := s.send(ctx, conn, wire.Frame{Type: wire.TypeHeartbeat}); err != nil {
-					hbErr <- err
-					cancel()
+				if err := s.send(hctx, conn, wire.Frame{Type: wire.TypeHeartbeat}); err != nil {
+					if hctx.Err() == nil {
+						sendErr.set(err)
+					}
 					return
 				}
 			}
 		}
 	}()
-	err := s.receive(ctx, conn)
+	err := s.receive(ctx, conn, &sendErr)
 	cancel()
-	if herr := <-hbErr; err == nil {
-		err = herr
+	<-hbDone
+	if first := sendErr.get(); first != nil && (err == nil || errors.Is(err, wire.ErrClosed)) {
+		// The link failed on a write first: that says why it ended.
+		err = first
 	}
 	// Staged pages of an epoch that did not complete are dropped now;
 	// staged block events wait in the replayer until the next commit or
@@ -210,7 +220,27 @@ func (s *Secondary) Run(ctx context.Context, conn wire.Conn) error {
 	return err
 }
 
-func (s *Secondary) receive(ctx context.Context, conn wire.Conn) error {
+// sendFailure keeps the first failed write on a link.
+type sendFailure struct {
+	mu  sync.Mutex
+	err error
+}
+
+func (f *sendFailure) set(err error) {
+	f.mu.Lock()
+	if f.err == nil {
+		f.err = err
+	}
+	f.mu.Unlock()
+}
+
+func (f *sendFailure) get() error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.err
+}
+
+func (s *Secondary) receive(ctx context.Context, conn wire.Conn, sendErr *sendFailure) error {
 	er := wire.NewEpochReceiver(conn)
 	if c := s.Committed(); c.Epoch > 0 {
 		// A new link must continue where the replica is: an older epoch
@@ -231,11 +261,19 @@ func (s *Secondary) receive(ctx context.Context, conn wire.Conn) error {
 			}
 			continue
 		}
+		// An epoch that arrived whole is committed even once ACKs can no
+		// longer be sent: a later checkpoint is as good to resume.
 		if err := s.commit(ctx, ep); err != nil {
 			return err
 		}
+		if sendErr.get() != nil {
+			continue
+		}
 		if err := s.send(ctx, conn, wire.Frame{Type: wire.TypeAck, Epoch: ep.N}); err != nil {
-			return err
+			if ctx.Err() != nil {
+				return nil
+			}
+			sendErr.set(err)
 		}
 	}
 }

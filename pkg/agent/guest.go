@@ -263,20 +263,43 @@ func (g *guest) vmLost(p *protection, reason string) {
 		g.mu.Unlock()
 		g.dev.stream(nil)
 		drain(p.events)
+		told := false
 		if p.prim.Stats().Checkpoints > 0 {
 			if err := g.tellVMLost(p, reason); err != nil {
 				g.a.log.Error("could not tell the secondary that the VM died", "vm", g.name, "peer", p.peer, "err", err)
 			} else {
+				told = true
 				g.a.log.Info("told the secondary to take over", "vm", g.name, "peer", p.peer, "reason", reason)
 			}
 		}
 		p.cancel()
-		p.conn.Close()
+		if !told {
+			p.conn.Close()
+			return
+		}
+		// The report is the link's last frame: end the link in order and
+		// wait for the secondary to end its side, which it does once it
+		// has read the report. Merely closing would leave delivering it to
+		// this process's sockets, and a shim exits soon after its VM.
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		if err := p.conn.Shutdown(ctx); err != nil {
+			g.a.log.Info("replication link did not end in order after the vm-lost report", "vm", g.name, "peer", p.peer, "err", err)
+		}
 	})
 }
 
 // tellVMLost sends opVMLost on the replication link and again on a new
 // link (or only there, if the replication link is gone).
+//
+// The replication link carries the report in the common case: it is the
+// link's last frame before it ends in order (vmLost), and a secondary reads
+// what had arrived even when its own writes fail. The new link, answered,
+// is the confirmation for what the replication link cannot do: a link that
+// is half dead (the report never gets through), or a secondary that ends
+// the link for a reason of its own (its watchdog) before it reads the
+// report. The new link's report arrives while the replication link is
+// still open, so the secondary decides with the report in hand.
 func (g *guest) tellVMLost(p *protection, reason string) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
@@ -285,12 +308,8 @@ func (g *guest) tellVMLost(p *protection, reason string) error {
 	err := sendMsg(sctx, p.conn, m)
 	scancel()
 	if err == nil {
-		// Sent, but not necessarily read: closing the link with the
-		// secondary's acknowledgements unread resets it, and a secondary
-		// whose next write fails may end the link before it reads the
-		// report. So it goes again on a link of its own, answered, while
-		// this one is still open. (A secondary that already acted on the
-		// first may refuse the second: it knows.)
+		// A secondary that already acted on the first report may refuse
+		// the second: it knows.
 		if cerr := g.sendVMLost(ctx, p, m); cerr != nil {
 			g.a.log.Info("vm-lost report not confirmed on a second link", "vm", g.name, "peer", p.peer, "err", cerr)
 		}

@@ -187,23 +187,20 @@ func TestReplicationLinkCut(t *testing.T) {
 	t.Run("LAN probe", func(t *testing.T) { replicationLinkCut(t, false) })
 }
 
-func replicationLinkCut(t *testing.T, mgmt bool) {
-	c, vc := protectedVMWith(t, func(c *cluster) {
-		if !mgmt {
-			c.a.mgmt, c.b.mgmt = "", ""
-		}
-	})
+// cutLink cuts the replication link only and waits for A to degrade and
+// for B to decide not to promote, each saying the link went silent.
+func cutLink(t *testing.T, c *cluster) (sa, sb agent.VMStatus) {
+	t.Helper()
 	cutT := time.Now()
 	if err := c.bed.CutReplication(); err != nil {
 		t.Fatal(err)
 	}
-	sa := c.a.waitState(vmName, agent.StateDegraded, time.Minute, agent.StateStopped)
+	sa = c.a.waitState(vmName, agent.StateDegraded, time.Minute, agent.StateStopped)
 	t.Logf("A degraded %v after the cut: %s", sa.Since.Sub(cutT).Round(time.Millisecond), sa.Reason)
 	if !strings.Contains(sa.Reason, "secondary lost: nothing heard from the peer") {
 		t.Fatalf("A's reason for degrading: %q", sa.Reason)
 	}
-	// B's decision: the link died, the VM answers on the LAN, no promotion.
-	sb := c.b.waitReason(vmName, "not promoting", time.Minute)
+	sb = c.b.waitReason(vmName, "not promoting", time.Minute)
 	t.Logf("B decided %v after the cut: %s", sb.Since.Sub(cutT).Round(time.Millisecond), sb.Reason)
 	if sb.State != agent.StateStandby || sb.Role != agent.RoleSecondary {
 		t.Fatalf("after the cut B shows %s/%s, want a secondary in standby", sb.Role, sb.State)
@@ -211,6 +208,17 @@ func replicationLinkCut(t *testing.T, mgmt bool) {
 	if !strings.Contains(sb.Reason, "primary link lost (nothing heard from the peer") {
 		t.Errorf("B's reason does not say the link went silent: %q", sb.Reason)
 	}
+	return sa, sb
+}
+
+func replicationLinkCut(t *testing.T, mgmt bool) {
+	c, vc := protectedVMWith(t, func(c *cluster) {
+		if !mgmt {
+			c.a.mgmt, c.b.mgmt = "", ""
+		}
+	})
+	// B's decision: the link died, the VM answers on the LAN, no promotion.
+	sa, sb := cutLink(t, c)
 	if mgmt {
 		if !strings.Contains(sb.Reason, "answered on the management path") || !strings.Contains(sb.Reason, "only the replication link failed") {
 			t.Errorf("B's reason does not say the management path showed A alive: %q", sb.Reason)

@@ -508,8 +508,8 @@ func (b *Buffer) Outbound() <-chan struct{} { return b.outbound }
 // SetPassthrough switches unprotected mode on or off. On: every held frame,
 // sealed or not, is released in order and new guest frames go out at once
 // (before pairing, or degraded after losing the secondary, when there is no
-// commit to wait for). Off: guest frames are held again from the next one
-// on, in the open epoch.
+// commit to wait for), and epoch numbering may start again. Off: guest
+// frames are held again from the next one on, in the open epoch.
 func (b *Buffer) SetPassthrough(on bool) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -530,6 +530,11 @@ func (b *Buffer) SetPassthrough(on bool) {
 		b.enqueueLocked(f)
 	}
 	b.open = epoch{}
+	// Nothing is held any more, so the next protection may number its
+	// epochs afresh: a re-pairing after degraded mode starts again from
+	// the first epochs, and its Seals must not be refused as going back.
+	b.anySealed = false
+	b.st.LastSealed, b.st.LastReleased = 0, 0
 }
 
 // Discard drops every held frame, sealed or not (e.g. the secondary took

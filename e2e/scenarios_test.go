@@ -183,8 +183,12 @@ func TestPrimaryHostDies(t *testing.T) {
 // degraded, its output released, and serves the client. With the link
 // back, pairing again protects the VM again.
 func TestReplicationLinkCut(t *testing.T) {
-	t.Run("management path", func(t *testing.T) { replicationLinkCut(t, true) })
-	t.Run("LAN probe", func(t *testing.T) { replicationLinkCut(t, false) })
+	t.Run("management path", func(t *testing.T) { replicationLinkCut(t, true, 0) })
+	t.Run("LAN probe", func(t *testing.T) { replicationLinkCut(t, false, 0) })
+	// A holds the VM's output, and so its answers to B's probe, until its
+	// own, longer, timeout fires: B must wait for it, or it would hear
+	// nothing and promote while A runs.
+	t.Run("LAN probe, primary's timeout longer", func(t *testing.T) { replicationLinkCut(t, false, 2500*time.Millisecond) })
 }
 
 // cutLink cuts the replication link only and waits for A to degrade and
@@ -211,10 +215,13 @@ func cutLink(t *testing.T, c *cluster) (sa, sb agent.VMStatus) {
 	return sa, sb
 }
 
-func replicationLinkCut(t *testing.T, mgmt bool) {
+func replicationLinkCut(t *testing.T, mgmt bool, primaryTimeout time.Duration) {
 	c, vc := protectedVMWith(t, func(c *cluster) {
 		if !mgmt {
 			c.a.mgmt, c.b.mgmt = "", ""
+		}
+		if primaryTimeout > 0 {
+			c.a.extra = append(c.a.extra, "--peer-timeout", primaryTimeout.String())
 		}
 	})
 	// B's decision: the link died, the VM answers on the LAN, no promotion.

@@ -279,7 +279,8 @@ func (a *Agent) servePeer(ctx context.Context, c wire.Conn) {
 		c.Close()
 		return
 	}
-	if r.health, err = a.newPeerHealth(m.Mgmt); err != nil {
+	r.timeout = replicaTimeout(a.cfg.PeerTimeout, m.PeerTimeout)
+	if r.health, err = a.newPeerHealth(m.Mgmt, r.timeout); err != nil {
 		a.log.Warn("peer health", "vm", m.VM, "err", err)
 		sendMsg(ctx, wc, message{Op: opRefused, VM: m.VM, Error: err.Error()})
 		c.Close()

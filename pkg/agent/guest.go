@@ -393,7 +393,7 @@ func (g *guest) pairLocked(ctx context.Context, peer string, auto bool) error {
 	// log's position there; the initial sync then copies the whole disk.
 	c := g.m.QMP()
 	events := eventlog.NewPipe(64 << 20)
-	msg := message{Op: opProtect, VM: g.name, Spec: &g.spec, Probe: g.probe, From: g.a.cfg.Name, Mgmt: g.a.MgmtAddr(), Domain: g.domain}
+	msg := message{Op: opProtect, VM: g.name, Spec: &g.spec, Probe: g.probe, From: g.a.cfg.Name, Mgmt: g.a.MgmtAddr(), Domain: g.domain, PeerTimeout: g.a.cfg.PeerTimeout}
 	if err := c.Stop(ctx); err != nil {
 		return fail(err)
 	}
@@ -430,7 +430,7 @@ func (g *guest) pairLocked(ctx context.Context, peer string, auto bool) error {
 	}
 
 	p := &protection{peer: peer, conn: conn, events: events, done: make(chan struct{}), auto: auto, shim: link.routed}
-	if p.health, err = g.a.newPeerHealth(reply.Mgmt); err != nil {
+	if p.health, err = g.a.newPeerHealth(reply.Mgmt, g.a.cfg.PeerTimeout); err != nil {
 		return undo(err)
 	}
 	conn.health.Store(p.health)

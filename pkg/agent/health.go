@@ -58,21 +58,22 @@ type peerHealth struct {
 }
 
 // newPeerHealth starts watching a peer whose management heartbeat server
-// is at peerMgmt ("" when either side has none).
-func (a *Agent) newPeerHealth(peerMgmt string) (*peerHealth, error) {
+// is at peerMgmt ("" when either side has none), declaring it dead after
+// timeout of silence.
+func (a *Agent) newPeerHealth(peerMgmt string, timeout time.Duration) (*peerHealth, error) {
 	paths := []failover.Path{failover.PathRepl}
 	useMgmt := peerMgmt != "" && a.cfg.MgmtAddr != ""
 	if useMgmt {
 		paths = append(paths, failover.PathMgmt)
 	}
-	det, err := failover.NewDetector(failover.Config{Timeout: a.cfg.PeerTimeout, Interval: detectorInterval(a.cfg.PeerTimeout), Paths: paths})
+	det, err := failover.NewDetector(failover.Config{Timeout: timeout, Interval: detectorInterval(timeout), Paths: paths})
 	if err != nil {
 		return nil, fmt.Errorf("%w: peer detector: %w", ErrBadRequest, err)
 	}
 	h := &peerHealth{det: det, done: make(chan struct{}), last: det.State()}
 	if useMgmt {
 		h.hb, err = failover.DialHeartbeat(context.Background(), "", peerMgmt, failover.HeartbeatClientConfig{
-			Key: a.cfg.MgmtKey, Interval: detectorInterval(a.cfg.PeerTimeout),
+			Key: a.cfg.MgmtKey, Interval: detectorInterval(timeout),
 			Heard: func(rtt time.Duration) {
 				h.lastPing.Store(time.Now().Add(-rtt).UnixNano())
 				det.Heard(context.Background(), failover.PathMgmt)

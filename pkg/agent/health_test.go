@@ -41,7 +41,7 @@ var testKey = bytes.Repeat([]byte{7}, 32)
 func TestPeerHealthAliveAfterLinkEnd(t *testing.T) {
 	srv := mgmtServer(t, testKey)
 	a := mgmtAgent(t, testKey, 400*time.Millisecond)
-	h, err := a.newPeerHealth(srv.Addr().String())
+	h, err := a.newPeerHealth(srv.Addr().String(), a.cfg.PeerTimeout)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -84,7 +84,7 @@ func TestPeerHealthAliveAfterLinkEnd(t *testing.T) {
 func TestPeerHealthWrongKey(t *testing.T) {
 	srv := mgmtServer(t, bytes.Repeat([]byte{9}, 32))
 	a := mgmtAgent(t, testKey, 300*time.Millisecond)
-	h, err := a.newPeerHealth(srv.Addr().String())
+	h, err := a.newPeerHealth(srv.Addr().String(), a.cfg.PeerTimeout)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -103,7 +103,7 @@ func TestPeerHealthWrongKey(t *testing.T) {
 // the replication link is watched, and aliveAfter answers at once.
 func TestPeerHealthWithoutMgmt(t *testing.T) {
 	a := mgmtAgent(t, testKey, 300*time.Millisecond)
-	h, err := a.newPeerHealth("")
+	h, err := a.newPeerHealth("", a.cfg.PeerTimeout)
 	if err != nil {
 		t.Fatal(err)
 	}

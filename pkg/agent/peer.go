@@ -78,6 +78,11 @@ type message struct {
 	// libvirt (protect): the secondary makes its standby a libvirt domain
 	// from it.
 	Domain string `json:"domain,omitempty"`
+	// PeerTimeout is the primary's own link-silence timeout (protect): it
+	// holds the VM's output until it declares the link dead, so the
+	// secondary, whose LAN probe must hear the VM's answers, must not
+	// declare the link dead sooner (see replicaTimeout).
+	PeerTimeout time.Duration `json:"peer_timeout,omitempty"`
 	// Addr is where to send the request instead (redirect).
 	Addr string `json:"addr,omitempty"`
 }
@@ -116,7 +121,24 @@ func decodeMsg(b []byte) (message, error) {
 	if m.Op == "" {
 		return m, fmt.Errorf("%w: control message without op", ErrPeer)
 	}
+	if m.PeerTimeout < 0 || m.PeerTimeout > maxPeerTimeout {
+		return m, fmt.Errorf("%w: %s message with a peer timeout of %v (want 0 to %v)", ErrPeer, m.Op, m.PeerTimeout, maxPeerTimeout)
+	}
 	return m, nil
+}
+
+// maxPeerTimeout bounds the link-silence timeout a primary may ask its
+// secondary to honour.
+const maxPeerTimeout = time.Minute
+
+// replicaTimeout is how long a secondary lets its primary's link stay
+// silent before declaring it dead: its own timeout, or the primary's if
+// longer. The primary holds the VM's output (and so the VM's answers to
+// the secondary's LAN probe) until its own timeout fires; a secondary that
+// decided sooner would probe a VM whose answers are still held, hear
+// nothing, and promote while the primary runs.
+func replicaTimeout(own, primary time.Duration) time.Duration {
+	return max(own, primary)
 }
 
 // attach gives a prepared replica its link and makes it a standby, unless

@@ -46,6 +46,9 @@ type replicaVM struct {
 	sec                     *lockstep.Secondary
 	conn                    *watchedConn
 	health                  *peerHealth
+	// timeout: the primary's link is dead after this much silence
+	// (replicaTimeout).
+	timeout time.Duration
 
 	mu      sync.Mutex
 	state   State
@@ -203,7 +206,7 @@ func (r *replicaVM) run(ctx context.Context) {
 	// The pairing ends with the link: nothing to watch afterwards.
 	defer r.health.close()
 	wctx, cancel := context.WithCancel(ctx)
-	go r.conn.watch(wctx, r.a.cfg.PeerTimeout, func(s time.Duration) {
+	go r.conn.watch(wctx, r.timeout, func(s time.Duration) {
 		r.a.log.Warn("replication link silent", "vm", r.name, "peer", r.peer, "silence", s)
 	})
 	err := r.sec.Run(ctx, r.conn)

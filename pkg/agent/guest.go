@@ -503,7 +503,13 @@ func (g *guest) runProtection(ctx context.Context, p *protection) {
 	}()
 	err := p.prim.Run(ctx)
 	p.err = err
-	if g.qemuDying(err) && g.cleanExit() {
+	if errors.Is(err, qmp.ErrClosed) && g.cleanExit() {
+		// Checked before qemuDying, which gives up after 2 s: a domain
+		// shut down in order must never look like a lost secondary
+		// (degraded, the link left to time out) or a lost VM, either of
+		// which would have the secondary resurrect it.
+		g.endCleanly(p)
+	} else if g.qemuDying(err) && g.cleanExit() {
 		g.endCleanly(p)
 	} else if g.qemuDying(err) {
 		// Not a lost secondary but a lost VM: watch reports it (and

@@ -566,6 +566,11 @@ func (g *guest) cleanExit() bool {
 	if !ok {
 		return false
 	}
+	if lm.cleanShutdown() {
+		// QEMU announced an orderly end: final, however long it then
+		// takes to exit (a loaded host, libvirt's own clean-up).
+		return true
+	}
 	select {
 	case <-lm.Exited():
 		return lm.cleanShutdown()

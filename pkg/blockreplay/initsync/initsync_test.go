@@ -11,6 +11,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/ftctl/ftctl/pkg/blockreplay/backend"
 	"github.com/ftctl/ftctl/pkg/blockreplay/eventlog"
@@ -60,9 +61,26 @@ func syncUnderLoad(t *testing.T, local backend.Backend, opt Options, seed uint64
 	pumped := make(chan error, 1)
 	go func() { pumped <- replay.Pump(ctx, pipe, r, true) }()
 
-	s := New(l, local, opt)
 	var stop atomic.Bool
 	var writes atomic.Int64
+	// However the scheduler treats the writers on a loaded machine, some
+	// of their writes must land while the copy is under way: after the
+	// first chunk, the copy waits until they have made a few.
+	var waited atomic.Bool
+	userProgress := opt.OnProgress
+	opt.OnProgress = func(p Progress) {
+		if userProgress != nil {
+			userProgress(p)
+		}
+		if waited.Swap(true) {
+			return
+		}
+		base, deadline := writes.Load(), time.Now().Add(10*time.Second)
+		for writes.Load() < base+3 && time.Now().Before(deadline) {
+			time.Sleep(time.Millisecond)
+		}
+	}
+	s := New(l, local, opt)
 	var wg sync.WaitGroup
 	for w := range 3 {
 		wg.Go(func() {

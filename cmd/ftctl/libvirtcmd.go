@@ -43,15 +43,7 @@ func libvirtCommand() *cli.Command {
 				Description: "check reads the domain's persistent definition; the options say what prepare would be run with.\n\n" + probeHelp,
 				Flags:       append([]cli.Flag{connect}, prepFlags...),
 				Action: func(ctx context.Context, cmd *cli.Command) error {
-					name, err := oneDomain(cmd)
-					if err != nil {
-						return err
-					}
-					opts, err := prepareOptions(cmd)
-					if err != nil {
-						return err
-					}
-					c, err := dialLibvirt(ctx, cmd)
+					name, opts, c, err := domainRequest(ctx, cmd)
 					if err != nil {
 						return err
 					}
@@ -103,15 +95,7 @@ so prepare refuses a running domain unless --next-start says that is fine.
 					&cli.StringFlag{Name: "backup-dir", Value: libvirt.DefaultBackupDir, Usage: "where the old definition is saved"},
 				}, prepFlags...),
 				Action: func(ctx context.Context, cmd *cli.Command) error {
-					name, err := oneDomain(cmd)
-					if err != nil {
-						return err
-					}
-					opts, err := prepareOptions(cmd)
-					if err != nil {
-						return err
-					}
-					c, err := dialLibvirt(ctx, cmd)
+					name, opts, c, err := domainRequest(ctx, cmd)
 					if err != nil {
 						return err
 					}
@@ -244,6 +228,25 @@ func hookCommand() *cli.Command {
 			return nil
 		},
 	}
+}
+
+// domainRequest reads what check and prepare share: the one DOMAIN
+// argument, the preparation options, and a connection to libvirt (checked
+// in that order, so a usage error never waits for libvirt).
+func domainRequest(ctx context.Context, cmd *cli.Command) (string, domxml.Options, *libvirt.Conn, error) {
+	name, err := oneDomain(cmd)
+	if err != nil {
+		return "", domxml.Options{}, nil, err
+	}
+	opts, err := prepareOptions(cmd)
+	if err != nil {
+		return "", domxml.Options{}, nil, err
+	}
+	c, err := dialLibvirt(ctx, cmd)
+	if err != nil {
+		return "", domxml.Options{}, nil, err
+	}
+	return name, opts, c, nil
 }
 
 func oneDomain(cmd *cli.Command) (string, error) {

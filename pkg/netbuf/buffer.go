@@ -104,6 +104,7 @@ type Buffer struct {
 	sealed     []epoch // sealed epochs awaiting Release, oldest first
 	anySealed  bool
 	outq       [][]byte // released frames on their way to the host port
+	outFrames  int      // outq plus the batch egress is writing: what Stats reports as queued
 	outBytes   int64
 	buffered   int64 // open + sealed + outq bytes: what MaxHeldBytes bounds
 	pass       bool
@@ -346,6 +347,7 @@ func (b *Buffer) admit(f []byte) {
 
 func (b *Buffer) enqueueLocked(f []byte) {
 	b.outq = append(b.outq, f)
+	b.outFrames++
 	b.outBytes += int64(len(f))
 	b.cond.Broadcast()
 }
@@ -417,6 +419,7 @@ func (b *Buffer) egress() {
 			err := b.host.WriteFrame(b.ctx, f)
 			batch[i] = nil
 			b.mu.Lock()
+			b.outFrames--
 			b.outBytes -= int64(len(f))
 			b.buffered -= int64(len(f))
 			b.cond.Broadcast()
@@ -573,7 +576,7 @@ func (b *Buffer) Stats() Stats {
 		s.HeldFrames += len(e.frames)
 		s.HeldBytes += e.bytes
 	}
-	s.QueuedFrames, s.QueuedBytes = len(b.outq), b.outBytes
+	s.QueuedFrames, s.QueuedBytes = b.outFrames, b.outBytes
 	s.Connected = b.conn != nil
 	s.Passthrough = b.pass
 	return s

@@ -390,6 +390,33 @@ func TestDiscardDropsHeldFrames(t *testing.T) {
 	s.expectWorld(t, 4)
 }
 
+// A released frame counts as queued until the host port has taken it,
+// including while egress is writing it: a caller that waits for
+// QueuedFrames == 0 (to read a tap's counters, or to know that what it
+// released is out) must not see 0 while a write is still under way.
+func TestQueuedCountsFramesBeingWritten(t *testing.T) {
+	s := serveBuffer(t, Options{})
+	q := dialQEMU(t, s.sock)
+	const extra = 3
+	total := uint64(pipeDepth + extra)
+	q.sendSeq(1, total, 64)
+	waitStats(t, s.b, "all guest frames", func(st Stats) bool { return st.GuestFrames == total })
+	s.b.Seal(1)
+	s.b.Release(1)
+	// The pipe takes pipeDepth frames; egress then blocks on the next
+	// one, with the rest of its batch in hand.
+	waitStats(t, s.b, "the pipe to fill", func(st Stats) bool { return st.SentFrames == pipeDepth })
+	time.Sleep(quiet)
+	if st := s.b.Stats(); st.QueuedFrames != extra || st.QueuedBytes != extra*64 || st.SentFrames != pipeDepth {
+		t.Fatalf("with %d frames not yet taken by the host port: %+v", extra, st)
+	}
+	s.expectWorld(t, seqRange(1, total)...)
+	st := waitStats(t, s.b, "all sent", func(st Stats) bool { return st.SentFrames == total })
+	if st.QueuedFrames != 0 || st.QueuedBytes != 0 {
+		t.Fatalf("after every frame was taken: %+v", st)
+	}
+}
+
 func TestNewRejectsBadArguments(t *testing.T) {
 	host, _ := Pipe()
 	dir := t.TempDir()

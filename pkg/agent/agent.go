@@ -403,7 +403,7 @@ func (a *Agent) dropReplica(r *replicaVM) {
 
 // adoptPromoted turns a promoted replica into a guest of this host, which
 // can then be paired again (re-protection).
-func (a *Agent) adoptPromoted(r *replicaVM) {
+func (a *Agent) adoptPromoted(r *replicaVM, reason string) {
 	r.health.close()
 	if r.replayer != nil {
 		r.replayer.Close()
@@ -413,14 +413,14 @@ func (a *Agent) adoptPromoted(r *replicaVM) {
 	}
 	r.replica.Close()
 	g := &guest{a: a, name: r.name, spec: r.spec, probe: r.probe, dir: r.runDir, dev: r.dev, m: r.standby, domain: r.promotedXML,
-		state: StatePromoted, reason: r.reason, since: time.Now(), extra: []string{r.ramPath}}
+		state: StatePromoted, reason: reason, since: time.Now(), extra: []string{r.ramPath}}
 	a.mu.Lock()
 	if a.replicas[r.name] == r {
 		delete(a.replicas, r.name)
 	}
 	a.guests[r.name] = g
 	a.mu.Unlock()
-	g.setState(StatePromoted, r.reason)
+	g.setState(StatePromoted, reason)
 	go g.watch()
 	// The VM runs here now: so does its lease (granted to this node by
 	// the arbitration, or released by the primary on a handover).

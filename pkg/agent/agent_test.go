@@ -71,6 +71,7 @@ func (h *host) waitState(t *testing.T, ctx context.Context, name string, want ag
 		s, err := h.c.Get(ctx, name)
 		if err == nil {
 			last = s
+			checkStatus(t, s)
 			if s.State == want {
 				return s
 			}
@@ -83,6 +84,15 @@ func (h *host) waitState(t *testing.T, ctx context.Context, name string, want ag
 			t.Fatalf("%s on %s never reached %s: last %+v (%v)", name, h.a.Name(), want, last, err)
 		case <-time.After(50 * time.Millisecond):
 		}
+	}
+}
+
+// checkStatus fails on a status that contradicts itself, whenever a test
+// happens to read one.
+func checkStatus(t *testing.T, s agent.VMStatus) {
+	t.Helper()
+	if s.State == agent.StatePromoted && s.Role != agent.RolePrimary {
+		t.Fatalf("%s is %s in role %s: a promoted VM is its host's primary", s.Name, s.State, s.Role)
 	}
 }
 

@@ -310,8 +310,14 @@ func (r *replicaVM) promoteNow(ctx context.Context, why string) (uint64, error) 
 	r.promote = d
 	r.mu.Unlock()
 	lv := r.libvirtPromoted(ctx, t0)
-	r.setState(StatePromoted, fmt.Sprintf("%s; resumed epoch %d in %v%s", why, e, d.Round(time.Microsecond), lv))
-	r.a.adoptPromoted(r)
+	reason := fmt.Sprintf("%s; resumed epoch %d in %v%s", why, e, d.Round(time.Microsecond), lv)
+	// Promoted, but logged and recorded only once adopted as a guest
+	// (as the primary it now is): a status read in between still sees
+	// the role it will keep.
+	r.mu.Lock()
+	r.state, r.reason, r.since = StatePromoted, reason, time.Now()
+	r.mu.Unlock()
+	r.a.adoptPromoted(r, reason)
 	return e, nil
 }
 
@@ -356,6 +362,10 @@ func (r *replicaVM) status() VMStatus {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	s := VMStatus{Name: r.name, Role: RoleSecondary, State: r.state, Peer: r.peer, Reason: r.reason, Since: r.since}
+	if r.state == StatePromoted {
+		// Being adopted as a guest: it runs here as the primary.
+		s.Role = RolePrimary
+	}
 	if r.standby != nil {
 		s.PID, s.Accel = r.standby.PID(), r.standby.Accel()
 	}

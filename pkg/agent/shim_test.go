@@ -281,6 +281,9 @@ func waitStateOf(t *testing.T, ctx context.Context, c *agent.Client, name string
 	var err error
 	for {
 		last, err = c.Get(ctx, name)
+		if err == nil {
+			checkStatus(t, last)
+		}
 		if err == nil && last.State == want {
 			return last
 		}

@@ -877,7 +877,7 @@ func (g *guest) startGuard(ctx context.Context) error {
 		}
 		return fmt.Errorf("%w: the witness says %q holds the lease of %s", ErrState, l.Holder, g.name)
 	}
-	guard, err := failover.NewPrimaryGuard(failover.GuardConfig{VM: g.name, Lease: w, Fence: failover.FenceFunc(g.fence)})
+	guard, err := failover.NewPrimaryGuard(failover.GuardConfig{VM: g.name, Lease: w, Fence: failover.FenceFunc(g.fence), Held: &l})
 	if err != nil {
 		return fmt.Errorf("%w: %w", ErrBadRequest, err)
 	}

@@ -38,6 +38,13 @@ type GuardConfig struct {
 	Margin time.Duration
 	// Clock defaults to RealClock.
 	Clock Clock
+	// Held is a lease the caller was already granted by its own Acquire
+	// (to report a refusal before it starts the VM's protection). Run
+	// then starts from it instead of taking the lease again, so a first
+	// renewal that fails is handled like any later one: the lease runs
+	// out and the guard fences, rather than Run ending unfenced while
+	// the VM goes on.
+	Held *Lease
 }
 
 // Lease timing defaults; see the package doc for how they relate.
@@ -110,17 +117,23 @@ type renewResult struct {
 	err   error
 }
 
-// Run first takes the lease: if the witness says another node holds it,
-// the guard fences at once; if the witness cannot be reached, Run returns
-// that error without fencing, and the agent must not start protection
-// (there is no standby to conflict with yet); a lease TTL too short for
+// Run first takes the lease, or starts from Held: if the witness says
+// another node holds it, the guard fences at once; if the witness cannot
+// be reached, Run returns that error without fencing, and the agent must
+// not start protection (there is no standby to conflict with yet); a
+// lease TTL too short for
 // Margin plus RenewEvery is an ErrConfig error, also without fencing.
 // Then it renews every RenewEvery until ctx is done (returning ctx's
 // error) or it fenced (returning an error wrapping ErrFenced). Stopping
 // Run stops renewals: the agent must then stop the VM, or Release the
 // lease only after stopping it.
 func (g *PrimaryGuard) Run(ctx context.Context) error {
-	first := g.renew(ctx, g.cfg.Clock.Now())
+	var first renewResult
+	if h := g.cfg.Held; h != nil {
+		first = renewResult{sent: h.Sent, lease: *h}
+	} else {
+		first = g.renew(ctx, g.cfg.Clock.Now())
+	}
 	if first.err != nil {
 		return fmt.Errorf("primary guard: initial lease for %q: %w", g.cfg.VM, first.err)
 	}

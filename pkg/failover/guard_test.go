@@ -124,6 +124,42 @@ func TestGuardFencesWhenAnotherHolds(t *testing.T) {
 	}
 }
 
+// A guard started from a lease its caller already holds does not end
+// unfenced when its very first renewal fails: the held lease runs out and
+// the guard fences, as for any later failure.
+func TestGuardFromHeldLeaseFencesWhenFirstRenewalFails(t *testing.T) {
+	clk := fakeclock.New(t0)
+	l := &scriptedLeaser{}
+	l.set(Lease{}, ErrUnreachable)
+	fence := &recordingFence{clock: clk}
+	held := Lease{Granted: true, Holder: "host-a", TTL: 2 * time.Second, Sent: t0}
+	g, err := NewPrimaryGuard(GuardConfig{VM: "vm1", Lease: l, Fence: fence, Clock: clk, Held: &held})
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- g.Run(context.Background()) }()
+	waitFor(t, 5*time.Second, "guard ticker", func() bool { return clk.Tickers() == 1 })
+	if l.calls.Load() != 0 {
+		t.Fatalf("the guard asked the witness again at start (%d calls) although it was given a held lease", l.calls.Load())
+	}
+	valid := g.ValidUntil()
+	if !valid.Equal(t0.Add(2*time.Second - DefaultGuardMargin)) {
+		t.Fatalf("valid until %v after start, want the held lease's TTL less the margin", valid.Sub(t0))
+	}
+	for clk.Now().Before(valid) {
+		n := l.calls.Load()
+		clk.Advance(200 * time.Millisecond)
+		waitFor(t, 5*time.Second, "renewal attempt or fence", func() bool { return l.calls.Load() > n || fence.count() > 0 })
+	}
+	if err := <-done; !errors.Is(err, ErrFenced) {
+		t.Fatalf("Run: %v, want ErrFenced once the held lease ran out", err)
+	}
+	if fence.count() != 1 || fence.at[0].Before(valid) {
+		t.Fatalf("fences %v at %v; the held lease was valid until %v", fence.reasons, fence.at, valid)
+	}
+}
+
 func TestGuardStart(t *testing.T) {
 	clk := fakeclock.New(t0)
 	fence := &recordingFence{clock: clk}

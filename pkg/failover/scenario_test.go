@@ -131,7 +131,13 @@ func newPairRig(t *testing.T) *pairRig {
 	}
 	r.chain = Chain{Arbiters: []Arbiter{ProbeArbiter{Probe: MultiProbe{arp, icmp}}, WitnessArbiter{Lease: wclient(bed.B)}}}
 
-	waitFor(t, 10*time.Second, "A holds the lease", func() bool { h, _ := r.witness.Holder("vm0"); return h == "host-a" })
+	// The witness granting the lease is not enough: its reply must have
+	// reached A's guard too, or cutting A off right after would make the
+	// guard's first renewal fail instead of fencing.
+	waitFor(t, 10*time.Second, "A holds the lease", func() bool {
+		h, _ := r.witness.Holder("vm0")
+		return h == "host-a" && !r.guard.ValidUntil().IsZero()
+	})
 	return r
 }
 

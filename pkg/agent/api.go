@@ -59,6 +59,7 @@ var errKinds = []struct {
 	{ErrBadRequest, "bad-request", http.StatusBadRequest},
 	{vm.ErrInvalidSpec, "invalid-spec", http.StatusBadRequest},
 	{ErrPeer, "peer", http.StatusBadGateway},
+	{ErrUnavailable, "unavailable", http.StatusServiceUnavailable},
 }
 
 func writeErr(w http.ResponseWriter, err error) {

@@ -150,7 +150,7 @@ func (a *Agent) libvirtConn(ctx context.Context) (*libvirt.Conn, error) {
 	}
 	c, err := libvirt.Dial(ctx, a.cfg.Libvirt)
 	if err != nil {
-		return nil, fmt.Errorf("%w: %w", ErrState, err)
+		return nil, fmt.Errorf("%w: %w (is libvirtd running?)", ErrUnavailable, err)
 	}
 	a.lv.conn = c
 	return c, nil

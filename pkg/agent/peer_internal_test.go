@@ -2,6 +2,8 @@ package agent
 
 import (
 	"errors"
+	"net/http"
+	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
@@ -29,5 +31,21 @@ func TestProtectPeerTimeout(t *testing.T) {
 	m, err := decodeMsg([]byte(`{"op":"protect","peer_timeout":2500000000}`))
 	if err != nil || m.PeerTimeout != 2500*time.Millisecond {
 		t.Errorf("a valid peer timeout: %+v, %v", m, err)
+	}
+}
+
+// TestLibvirtUnreachableIsUnavailable: an agent whose libvirtd does not
+// answer says so, as ErrUnavailable (HTTP 503 on the control API, so a
+// client and a refusing peer can tell it from a VM in the wrong state).
+func TestLibvirtUnreachableIsUnavailable(t *testing.T) {
+	a := &Agent{cfg: Config{Libvirt: "/nonexistent/libvirt-sock"}}
+	_, err := a.libvirtConn(t.Context())
+	if !errors.Is(err, ErrUnavailable) || errors.Is(err, ErrState) || !strings.Contains(err.Error(), "libvirtd") {
+		t.Fatalf("libvirtd unreachable: %v, want ErrUnavailable saying to check libvirtd", err)
+	}
+	rec := httptest.NewRecorder()
+	writeErr(rec, err)
+	if rec.Code != http.StatusServiceUnavailable || !strings.Contains(rec.Body.String(), `"kind":"unavailable"`) {
+		t.Fatalf("control API answers %d %s", rec.Code, rec.Body)
 	}
 }

@@ -21,6 +21,9 @@ var (
 	ErrState      = errors.New("operation not possible in the VM's current state")
 	ErrBadRequest = errors.New("bad request")
 	ErrPeer       = errors.New("peer agent refused or unreachable")
+	// ErrUnavailable: a service the agent needs on its own host (its
+	// libvirtd) does not answer; nothing is wrong with the VM.
+	ErrUnavailable = errors.New("a service this agent needs is unavailable")
 )
 
 // State is a VM's protection state as the user sees it.

@@ -90,7 +90,17 @@ func newPairRig(t *testing.T) *pairRig {
 		return s.Addr()
 	}
 	replSrv, mgmtSrv := serve(bed.A.ReplAddr, PathRepl), serve(bed.A.MgmtAddr, PathMgmt)
-	r.guard, err = NewPrimaryGuard(GuardConfig{VM: "vm0", Lease: wclient(bed.A),
+	// As the agent does: take the lease with a patient request, then
+	// guard it from that grant (the guard's own renewals time out after
+	// RenewEvery, too short for a first request on a loaded machine).
+	leaseA := wclient(bed.A)
+	lctx, lcancel := context.WithTimeout(ctx, 10*time.Second)
+	held, err := leaseA.Acquire(lctx, "vm0", true)
+	lcancel()
+	if err != nil || !held.Granted {
+		t.Fatalf("A's first lease: %+v, %v", held, err)
+	}
+	r.guard, err = NewPrimaryGuard(GuardConfig{VM: "vm0", Lease: leaseA, Held: &held,
 		Fence: FenceFunc(func(context.Context, string) error {
 			r.fencedAt.Store(time.Now().UnixNano())
 			return nil
@@ -131,13 +141,7 @@ func newPairRig(t *testing.T) *pairRig {
 	}
 	r.chain = Chain{Arbiters: []Arbiter{ProbeArbiter{Probe: MultiProbe{arp, icmp}}, WitnessArbiter{Lease: wclient(bed.B)}}}
 
-	// The witness granting the lease is not enough: its reply must have
-	// reached A's guard too, or cutting A off right after would make the
-	// guard's first renewal fail instead of fencing.
-	waitFor(t, 10*time.Second, "A holds the lease", func() bool {
-		h, _ := r.witness.Holder("vm0")
-		return h == "host-a" && !r.guard.ValidUntil().IsZero()
-	})
+	waitFor(t, 10*time.Second, "A holds the lease", func() bool { h, _ := r.witness.Holder("vm0"); return h == "host-a" })
 	return r
 }
 

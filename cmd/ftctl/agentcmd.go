@@ -57,7 +57,11 @@ primary then runs on alone (degraded). With --mgmt-listen on both agents,
 they also exchange authenticated UDP heartbeats over a second network (key:
 --mgmt-key-file, or derived from --psk-file); if the peer's agent still
 answers there after the replication link ended, only the link failed and the
-secondary does not promote, without probing the LAN. A degraded primary
+secondary does not promote, without probing the LAN. A primary that notices
+the end of the link only after the secondary's LAN probe may have given up
+(the secondary's timeout plus its probe window) releases nothing: it pauses
+the VM and shows it fenced (ftctl resume VM, or ftctl stop VM if the peer
+took over). A degraded primary
 pairs with its last peer again by itself (--auto-repair), 1 s after the
 loss and then backing off to --repair-max; ftctl status shows the next try.
 
@@ -419,6 +423,24 @@ for each checkpoint to be safe on HOST. The port defaults to ` + agent.DefaultPe
 			},
 		},
 		{
+			Name:      "resume",
+			Usage:     "let a fenced VM run on here, alone",
+			ArgsUsage: "VM",
+			Description: `A primary that noticed its secondary's loss too late to be sure the
+secondary had not taken over (its LAN probe may have found the VM silent
+while this host still held the VM's output) pauses the VM and shows it as
+fenced. Check the peer: if it runs the VM, 'ftctl stop VM' here; if it did
+not take over, 'ftctl resume VM' lets the VM go on here (degraded, pairing
+again with the peer when it can).`,
+			Flags: []cli.Flag{socketFlag()},
+			Action: func(ctx context.Context, cmd *cli.Command) error {
+				if cmd.Args().Len() != 1 {
+					return cli.Exit("usage: ftctl resume VM", 2)
+				}
+				return explain(client(cmd).Resume(ctx, cmd.Args().First()))
+			},
+		},
+		{
 			Name:      "stop",
 			Usage:     "shut down a VM run by the local agent",
 			ArgsUsage: "VM",
@@ -445,7 +467,7 @@ func waitProtected(ctx context.Context, cmd *cli.Command, name string) error {
 		case agent.StateProtected:
 			fmt.Fprintf(w, "\r%s: protected (checkpoint %d)%s\n", name, s.Epoch, strings.Repeat(" ", 30))
 			return nil
-		case agent.StateDegraded, agent.StateStopped, agent.StateUnprotected:
+		case agent.StateDegraded, agent.StateStopped, agent.StateUnprotected, agent.StateFenced:
 			return fmt.Errorf("%s is %s: %s", name, s.State, s.Reason)
 		}
 		if s.Sync != nil {

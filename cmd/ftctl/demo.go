@@ -153,7 +153,7 @@ func pairWithProgress(ctx context.Context, p *demoPrinter, v *cluster.VM, to *cl
 			p.infof("protected after %v: checkpoint %d committed on %s", time.Since(t0).Round(time.Millisecond), st.Epoch, to.Name)
 			_, err := to.WaitState(ctx, v.Name, agent.StateStandby, 30*time.Second)
 			return err
-		case agent.StateDegraded, agent.StateStopped, agent.StateUnprotected:
+		case agent.StateDegraded, agent.StateStopped, agent.StateUnprotected, agent.StateFenced:
 			return fmt.Errorf("pairing failed: %s is %s: %s", v.Name, st.State, st.Reason)
 		}
 		if st.Sync != nil && time.Since(last) > time.Second {

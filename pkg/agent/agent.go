@@ -13,6 +13,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/ftctl/ftctl/pkg/failover"
@@ -24,6 +25,10 @@ import (
 type Agent struct {
 	cfg Config
 	log *slog.Logger
+
+	// degradeDelay holds every degrade back (tests: a primary that
+	// notices the lost secondary late).
+	degradeDelay atomic.Int64 // ns
 
 	mu       sync.Mutex
 	guests   map[string]*guest
@@ -288,7 +293,8 @@ func (a *Agent) servePeer(ctx context.Context, c wire.Conn) {
 		return
 	}
 	wc.health.Store(r.health)
-	if err := sendMsg(ctx, wc, message{Op: opReady, VM: m.VM, Mgmt: a.MgmtAddr()}); err != nil {
+	ready := message{Op: opReady, VM: m.VM, Mgmt: a.MgmtAddr(), PeerTimeout: r.timeout, ProbeWindow: a.silenceWindow(m.Probe)}
+	if err := sendMsg(ctx, wc, ready); err != nil {
 		// r.conn is still nil: stop must not wait for a run that never
 		// started.
 		c.Close()
@@ -535,6 +541,18 @@ func (a *Agent) Unpair(ctx context.Context, name string) error {
 		return err
 	}
 	return g.unpair()
+}
+
+// Resume lets a fenced VM run on, alone (see guest.fenceLate).
+func (a *Agent) Resume(ctx context.Context, name string) error {
+	if sp := a.shimFor(name); sp != nil {
+		return sp.c.Resume(ctx, name)
+	}
+	g, err := a.guest(name)
+	if err != nil {
+		return err
+	}
+	return g.resume(ctx)
 }
 
 // StopVM shuts a VM down.

@@ -39,14 +39,24 @@ type host struct {
 
 func newHost(t *testing.T, ca *wire.CA, name string) *host {
 	t.Helper()
+	return newHostWith(t, ca, name, nil)
+}
+
+// newHostWith is newHost with the test's own changes to the config.
+func newHostWith(t *testing.T, ca *wire.CA, name string, change func(*agent.Config)) *host {
+	t.Helper()
 	_, _, creds := issueCreds(t, ca, name)
 	dir := t.TempDir()
-	a, err := agent.New(agent.Config{
+	cfg := agent.Config{
 		Name: name, StateDir: filepath.Join(dir, "state"), RunDir: filepath.Join(dir, "run"), RAMDir: filepath.Join(dir, "ram"),
 		PeerAddr: "127.0.0.1:0", Credentials: creds, Arbiter: yesArbiter{}, Logger: quiet,
 		Policy: lockstep.Policy{MaxInterval: 100 * time.Millisecond}, PeerTimeout: 2 * time.Second,
 		QMPTimeout: time.Second,
-	})
+	}
+	if change != nil {
+		change(&cfg)
+	}
+	a, err := agent.New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}

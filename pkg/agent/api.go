@@ -155,6 +155,13 @@ func (a *Agent) routes() http.Handler {
 		}
 		writeJSON(w, struct{}{})
 	})
+	mux.HandleFunc("POST /v1/vms/{name}/resume", func(w http.ResponseWriter, r *http.Request) {
+		if err := a.Resume(r.Context(), r.PathValue("name")); err != nil {
+			writeErr(w, err)
+			return
+		}
+		writeJSON(w, struct{}{})
+	})
 	mux.HandleFunc("GET /v1/vms/{name}/serial", func(w http.ResponseWriter, r *http.Request) {
 		b, err := a.Serial(r.PathValue("name"))
 		if err != nil {
@@ -277,6 +284,11 @@ func (c *Client) Failover(ctx context.Context, name string) (FailoverResult, err
 // Unpair stops protecting a VM.
 func (c *Client) Unpair(ctx context.Context, name string) error {
 	return c.do(ctx, http.MethodPost, "/v1/vms/"+name+"/unpair", nil, nil)
+}
+
+// Resume lets a fenced VM run on alone.
+func (c *Client) Resume(ctx context.Context, name string) error {
+	return c.do(ctx, http.MethodPost, "/v1/vms/"+name+"/resume", nil, nil)
 }
 
 // Stop shuts a VM down.

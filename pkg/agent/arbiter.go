@@ -35,6 +35,34 @@ type ProbeArbiter struct {
 	WitnessWait time.Duration
 }
 
+// SilenceWindow is how long the probe listens for a VM probed at probe
+// when silence alone decides a promotion; 0 when it never does (no
+// address to probe, or silence defers to the witness).
+func (p ProbeArbiter) SilenceWindow(probe ProbeSpec) time.Duration {
+	if !p.SilenceMeansDead || len(probe.Addrs) == 0 {
+		return 0
+	}
+	if p.Timeout > 0 {
+		return p.Timeout
+	}
+	return failover.DefaultProbeTimeout
+}
+
+// silenceWindower is an Arbiter that may promote on the VM's silence on
+// its LAN, heard for a window after the link was declared dead.
+type silenceWindower interface {
+	SilenceWindow(ProbeSpec) time.Duration
+}
+
+// silenceWindow is this agent's probe window for a VM (see
+// message.ProbeWindow).
+func (a *Agent) silenceWindow(probe ProbeSpec) time.Duration {
+	if w, ok := a.cfg.Arbiter.(silenceWindower); ok {
+		return w.SilenceWindow(probe)
+	}
+	return 0
+}
+
 // DefaultWitnessWait is ProbeArbiter.WitnessWait's default: three lease
 // TTLs, so a dead primary's lease has surely lapsed within it.
 const DefaultWitnessWait = 3 * failover.DefaultLeaseTTL

@@ -80,6 +80,27 @@ type protection struct {
 	auto     bool // made by the automatic re-pairing, not (yet) by the user
 	shim     bool // the replica lives in a replica shim (the peer redirected us)
 	endOnce  sync.Once
+	// peerTimeout and probeWindow are the secondary's (its ready reply):
+	// when it may decide to promote on the VM's silence.
+	peerTimeout, probeWindow time.Duration
+}
+
+// releaseSlack is how much earlier than the secondary's probe window
+// closes the primary must release the VM's output: the secondary may have
+// last heard the primary up to one heartbeat (100 ms) before the primary
+// last heard it, and the VM's answer still has to cross the LAN.
+const releaseSlack = 250 * time.Millisecond
+
+// tooLate says whether, with the link silent since last, releasing the
+// VM's held output now could come after the secondary's probe stopped
+// listening: the secondary would then have found the VM silent and
+// promoted, and both would run. It returns how late it is.
+func (p *protection) tooLate(last, now time.Time) (bool, time.Duration) {
+	if p.probeWindow <= 0 {
+		return false, 0
+	}
+	deadline := last.Add(p.peerTimeout + p.probeWindow - releaseSlack)
+	return now.After(deadline), now.Sub(deadline)
 }
 
 func (g *guest) setState(s State, reason string) {
@@ -429,7 +450,8 @@ func (g *guest) pairLocked(ctx context.Context, peer string, auto bool) error {
 		return undo(fmt.Errorf("%w: %s refused to protect %s: %s", ErrPeer, peer, g.name, reply.Error))
 	}
 
-	p := &protection{peer: peer, conn: conn, events: events, done: make(chan struct{}), auto: auto, shim: link.routed}
+	p := &protection{peer: peer, conn: conn, events: events, done: make(chan struct{}), auto: auto, shim: link.routed,
+		peerTimeout: max(reply.PeerTimeout, g.a.cfg.PeerTimeout), probeWindow: reply.ProbeWindow}
 	if p.health, err = g.a.newPeerHealth(reply.Mgmt, g.a.cfg.PeerTimeout); err != nil {
 		return undo(err)
 	}
@@ -541,6 +563,58 @@ func (g *guest) runProtection(ctx context.Context, p *protection) {
 	close(p.done)
 }
 
+// fenceLate ends a protection whose end was noticed too late to let the
+// VM's held output out safely (protection.tooLate): the secondary may
+// have found the VM silent and promoted it. The guest is paused here with
+// its output held, which is safe whichever copy lives, until the operator
+// says which: `ftctl stop` here if the secondary runs the VM, `ftctl
+// resume` if it did not take over.
+func (g *guest) fenceLate(p *protection, err error, last time.Time, late time.Duration) {
+	qctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	perr := g.m.QMP().Stop(qctx)
+	cancel()
+	g.dev.stream(nil)
+	drain(p.events)
+	p.cancel()
+	p.conn.Close()
+	p.tracker.Close()
+	p.region.Close()
+	p.health.close()
+	g.mu.Lock()
+	if g.prot == p {
+		g.prot = nil
+	}
+	g.mu.Unlock()
+	reason := fmt.Sprintf("secondary lost (%s), noticed %v after it was last heard: %v after %s's LAN probe may have stopped listening, so it may have taken over. "+
+		"Guest paused here with its output held: if %s runs %s now, `ftctl stop %s` here; if not, `ftctl resume %s`",
+		p.conn.cause(err), time.Since(last).Round(time.Millisecond), late.Round(time.Millisecond), p.peer, p.peer, g.name, g.name, g.name)
+	if perr != nil {
+		// The output stays held all the same: nothing of this copy
+		// reaches the LAN.
+		reason += fmt.Sprintf(" (pausing the guest failed: %v)", perr)
+	}
+	g.a.log.Warn("fenced: the end of the protection was noticed too late", "vm", g.name, "peer", p.peer, "late", late)
+	g.setState(StateFenced, reason)
+}
+
+// resume lets a fenced guest run on alone, on the operator's word that the
+// secondary did not take over.
+func (g *guest) resume(ctx context.Context) error {
+	g.mu.Lock()
+	st, peer := g.state, g.peer
+	g.mu.Unlock()
+	if st != StateFenced {
+		return fmt.Errorf("%w: %s is %s; only a fenced VM is resumed", ErrState, g.name, st)
+	}
+	if err := g.m.QMP().Cont(ctx); err != nil {
+		return fmt.Errorf("%w: resume %s: %w", ErrState, g.name, err)
+	}
+	g.dev.passthrough(true)
+	g.setState(StateDegraded, fmt.Sprintf("resumed by the operator after a fence (%s did not take over)", peer))
+	g.startRepair(peer)
+	return nil
+}
+
 // qemuDying says whether the coordinator ended because the guest's QEMU
 // went away: its QMP connection closed and the process exits soon after.
 func (g *guest) qemuDying(err error) bool {
@@ -561,8 +635,17 @@ func (g *guest) qemuDying(err error) bool {
 }
 
 // degrade ends a protection that failed: output flows again, the disk's
-// events are discarded, the guest keeps running.
+// events are discarded, the guest keeps running. Unless this comes too
+// late (see protection.tooLate): then the guest is fenced instead.
 func (g *guest) degrade(p *protection, err error) {
+	if d := time.Duration(g.a.degradeDelay.Load()); d > 0 {
+		time.Sleep(d)
+	}
+	last := time.Unix(0, p.conn.last.Load())
+	if late, by := p.tooLate(last, time.Now()); late && !p.stopping {
+		g.fenceLate(p, err, last, by)
+		return
+	}
 	g.dev.passthrough(true)
 	g.dev.stream(nil)
 	drain(p.events)

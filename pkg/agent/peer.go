@@ -85,6 +85,13 @@ type message struct {
 	PeerTimeout time.Duration `json:"peer_timeout,omitempty"`
 	// Addr is where to send the request instead (redirect).
 	Addr string `json:"addr,omitempty"`
+	// ProbeWindow (ready) is how long the secondary's LAN probe listens
+	// for the VM once it has declared the link dead (PeerTimeout then
+	// carries its own effective timeout), when silence alone makes it
+	// promote; 0 if it never promotes on the probe's silence alone. The
+	// primary must let the VM's held output out before that window
+	// closes, or stay paused (see protection.tooLate).
+	ProbeWindow time.Duration `json:"probe_window,omitempty"`
 }
 
 func sendMsg(ctx context.Context, c wire.Conn, m message) error {

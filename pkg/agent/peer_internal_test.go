@@ -49,3 +49,22 @@ func TestLibvirtUnreachableIsUnavailable(t *testing.T) {
 		t.Fatalf("control API answers %d %s", rec.Code, rec.Body)
 	}
 }
+
+// TestTooLate: the primary may release held output until the secondary's
+// timeout plus its probe window, less the slack, after it last heard it;
+// a secondary that never promotes on silence alone sets no limit.
+func TestTooLate(t *testing.T) {
+	last := time.Unix(1000, 0)
+	p := &protection{peerTimeout: time.Second, probeWindow: 500 * time.Millisecond}
+	limit := time.Second + 500*time.Millisecond - releaseSlack
+	if late, _ := p.tooLate(last, last.Add(limit)); late {
+		t.Errorf("at the limit: late")
+	}
+	if late, by := p.tooLate(last, last.Add(limit+time.Millisecond)); !late || by != time.Millisecond {
+		t.Errorf("1 ms past the limit: late %v by %v", late, by)
+	}
+	p.probeWindow = 0
+	if late, _ := p.tooLate(last, last.Add(time.Hour)); late {
+		t.Errorf("no probe window: late")
+	}
+}

@@ -35,6 +35,7 @@ const (
 	StateSyncing     State = "syncing"     // initial copy to the secondary
 	StateProtected   State = "protected"   // checkpoints committing on the secondary
 	StateDegraded    State = "degraded"    // the secondary was lost; running alone
+	StateFenced      State = "fenced"      // paused here: the secondary may have taken over (see guest.fenceLate)
 	StateHandedOver  State = "handed-over" // moved to the peer by a planned switchover
 	StateStandby     State = "standby"     // replica of a peer's VM, ready to take over
 	StatePromoted    State = "promoted"    // took over from a dead or departing primary

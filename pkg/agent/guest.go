@@ -549,18 +549,24 @@ func (g *guest) runProtection(ctx context.Context, p *protection) {
 	handover, lost := p.handover, p.vmLost
 	g.mu.Unlock()
 	if lost {
-		p.tracker.Close()
-		p.region.Close()
-		p.health.close()
-		g.mu.Lock()
-		if g.prot == p {
-			g.prot = nil
-		}
-		g.mu.Unlock()
+		g.dropProtection(p)
 	} else if !handover {
 		g.degrade(p, err)
 	}
 	close(p.done)
+}
+
+// dropProtection closes what an ended protection held here (its dirty
+// tracking, RAM mapping and peer health) and forgets it.
+func (g *guest) dropProtection(p *protection) {
+	p.tracker.Close()
+	p.region.Close()
+	p.health.close()
+	g.mu.Lock()
+	if g.prot == p {
+		g.prot = nil
+	}
+	g.mu.Unlock()
 }
 
 // fenceLate ends a protection whose end was noticed too late to let the
@@ -577,14 +583,7 @@ func (g *guest) fenceLate(p *protection, err error, last time.Time, late time.Du
 	drain(p.events)
 	p.cancel()
 	p.conn.Close()
-	p.tracker.Close()
-	p.region.Close()
-	p.health.close()
-	g.mu.Lock()
-	if g.prot == p {
-		g.prot = nil
-	}
-	g.mu.Unlock()
+	g.dropProtection(p)
 	reason := fmt.Sprintf("secondary lost (%s), noticed %v after it was last heard: %v after %s's LAN probe may have stopped listening, so it may have taken over. "+
 		"Guest paused here with its output held: if %s runs %s now, `ftctl stop %s` here; if not, `ftctl resume %s`",
 		p.conn.cause(err), time.Since(last).Round(time.Millisecond), late.Round(time.Millisecond), p.peer, p.peer, g.name, g.name, g.name)
@@ -642,7 +641,10 @@ func (g *guest) degrade(p *protection, err error) {
 		time.Sleep(d)
 	}
 	last := time.Unix(0, p.conn.last.Load())
-	if late, by := p.tooLate(last, time.Now()); late && !p.stopping {
+	g.mu.Lock()
+	ending := p.stopping
+	g.mu.Unlock()
+	if late, by := p.tooLate(last, time.Now()); late && !ending {
 		g.fenceLate(p, err, last, by)
 		return
 	}

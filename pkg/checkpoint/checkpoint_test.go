@@ -215,3 +215,55 @@ func TestCopySparseKeepsHoles(t *testing.T) {
 		t.Fatalf("copied %d bytes of a 64 MiB file holding 10 bytes: holes not skipped", n)
 	}
 }
+
+// TestSaveDeviceStateGivenUpLeavesNoMigration: however early or late its
+// context ends, SaveDeviceState returns with no migration in flight, so the
+// guest its caller resumes stays running (a migration that completed after
+// the resume would stop it again for good, in postmigrate).
+func TestSaveDeviceStateGivenUpLeavesNoMigration(t *testing.T) {
+	ctx := testenv.Deadline(t, 3*time.Minute)
+	spec, _ := guestSpec(t, "giveup")
+	m := start(t, ctx, spec, vm.Options{})
+	if err := m.WaitSerial(ctx, func(b []byte) bool { return counterlog.Last(b) >= 2 }); err != nil {
+		t.Fatal(err)
+	}
+	c := m.QMP()
+	if err := checkpoint.Prepare(ctx, c); err != nil {
+		t.Fatal(err)
+	}
+	var gaveUp, saved int
+	for i := range 40 {
+		if err := c.Stop(ctx); err != nil {
+			t.Fatal(err)
+		}
+		// From before the migrate command reaches QEMU to well after it
+		// completed.
+		sctx, cancel := context.WithTimeout(ctx, time.Duration(i)*250*time.Microsecond)
+		_, serr := checkpoint.SaveDeviceState(sctx, c)
+		cancel()
+		if serr != nil {
+			gaveUp++
+		} else {
+			saved++
+		}
+		info, err := c.QueryMigrate(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		switch info.Status {
+		case "setup", "active", "device", "pre-switchover", "cancelling":
+			t.Fatalf("try %d: SaveDeviceState returned (%v) with the migration %s", i, serr, info.Status)
+		}
+		if err := c.Cont(ctx); err != nil {
+			t.Fatalf("try %d: cont after SaveDeviceState (%v): %v", i, serr, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+		if st, err := c.QueryStatus(ctx); err != nil || !st.Running {
+			t.Fatalf("try %d: the guest resumed after SaveDeviceState (%v) is %+v (%v)", i, serr, st, err)
+		}
+	}
+	if gaveUp == 0 || saved == 0 {
+		t.Fatalf("%d tries gave up and %d saved: the deadlines missed the migration", gaveUp, saved)
+	}
+	t.Logf("%d tries gave up, %d saved; none left a migration behind", gaveUp, saved)
+}

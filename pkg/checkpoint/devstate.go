@@ -103,10 +103,12 @@ func SaveDeviceState(ctx context.Context, c *qmp.Client) ([]byte, error) {
 	// ours unblocks the reader on every error path.
 	defer func() { ours.Close(); wg.Wait() }()
 	if err := c.Migrate(ctx, "fd:"+name); err != nil {
+		settleMigration(ctx, c)
 		c.CloseFD(context.WithoutCancel(ctx), name)
 		return nil, fmt.Errorf("checkpoint: migrate: %w", err)
 	}
 	if _, err := c.WaitMigration(ctx); err != nil {
+		settleMigration(ctx, c)
 		return nil, fmt.Errorf("checkpoint: device-state migration: %w", err)
 	}
 	wg.Wait()
@@ -121,6 +123,23 @@ func SaveDeviceState(ctx context.Context, c *qmp.Client) ([]byte, error) {
 	}
 	return state, nil
 }
+
+// settleMigration ends a device-state migration its caller gave up on (ctx
+// ended while QEMU was still at it) and waits until QEMU has: otherwise a
+// caller that resumes the guest next would see it stopped again, for good,
+// when the migration completes (runstate postmigrate), and a degraded
+// primary's guest would stay frozen. Bounded, and its errors are moot:
+// the caller is failing already.
+func settleMigration(ctx context.Context, c *qmp.Client) {
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), settleTimeout)
+	defer cancel()
+	c.MigrateCancel(sctx)
+	c.WaitMigration(sctx)
+}
+
+// settleTimeout bounds settleMigration: a paused guest's device state
+// takes milliseconds to save.
+const settleTimeout = 10 * time.Second
 
 // RestoreDeviceState loads state into a standby QEMU (started with
 // -incoming defer and -S, over a RAM file that holds the same epoch as the

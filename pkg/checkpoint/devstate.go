@@ -111,6 +111,10 @@ func SaveDeviceState(ctx context.Context, c *qmp.Client) ([]byte, error) {
 		settleMigration(ctx, c)
 		return nil, fmt.Errorf("checkpoint: device-state migration: %w", err)
 	}
+	if err := waitFinalized(ctx, c); err != nil {
+		settleMigration(ctx, c)
+		return nil, fmt.Errorf("checkpoint: device-state migration: %w", err)
+	}
 	wg.Wait()
 	if rerr != nil {
 		return nil, fmt.Errorf("checkpoint: read device state: %w", rerr)
@@ -135,6 +139,28 @@ func settleMigration(ctx context.Context, c *qmp.Client) {
 	defer cancel()
 	c.MigrateCancel(sctx)
 	c.WaitMigration(sctx)
+	waitFinalized(sctx, c)
+}
+
+// waitFinalized waits until QEMU has left the finish-migrate run state.
+// query-migrate says "completed" a moment before the run state moves on
+// to postmigrate, and a cont in between fails ("Migration is not finalized
+// yet"), which would leave the guest stopped.
+func waitFinalized(ctx context.Context, c *qmp.Client) error {
+	for {
+		st, err := c.QueryStatus(ctx)
+		if err != nil {
+			return err
+		}
+		if st.Status != "finish-migrate" {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(time.Millisecond):
+		}
+	}
 }
 
 // settleTimeout bounds settleMigration: a paused guest's device state

@@ -484,6 +484,36 @@ func (p *Primary) Checkpoint() {
 	}
 }
 
+// resumeGuest makes sure the guest runs again after a checkpoint that
+// failed part way: it conts, and checks, until QEMU says running. A
+// device-state migration that was under way can stop the guest again
+// after a cont (it completes into postmigrate), or refuse one while it
+// finalizes; a cont on a running guest does nothing.
+func resumeGuest(ctx context.Context, c *qmp.Client) error {
+	ctx, cancel := context.WithTimeout(ctx, resumeTimeout)
+	defer cancel()
+	var last error
+	for {
+		if last = c.Cont(ctx); errors.Is(last, qmp.ErrClosed) {
+			return last // QEMU is gone: nothing to resume
+		} else if last == nil {
+			st, err := c.QueryStatus(ctx)
+			if err == nil && st.Running {
+				return nil
+			}
+			last = fmt.Errorf("still %s after cont (%v)", st.Status, err)
+		}
+		select {
+		case <-ctx.Done():
+			return last
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+}
+
+// resumeTimeout bounds resumeGuest.
+const resumeTimeout = 5 * time.Second
+
 // checkpoint pauses the VM and captures epoch N; with keepPaused the VM
 // is left paused. On failure the VM is resumed.
 func (p *Primary) checkpoint(ctx context.Context, kind Kind, reason Reason, keepPaused bool) (n uint64, err error) {
@@ -491,18 +521,20 @@ func (p *Primary) checkpoint(ctx context.Context, kind Kind, reason Reason, keep
 	c := p.cfg.QMP
 	st := EpochStats{Epoch: n, Kind: kind, Reason: reason}
 	t0 := time.Now()
-	if err := c.Stop(ctx); err != nil {
-		return 0, fmt.Errorf("epoch %d: stop: %w", n, err)
-	}
 	resumed := false
 	defer func() {
-		// Replication trouble must never leave the guest paused.
+		// Replication trouble must never leave the guest paused. Also
+		// when the stop itself failed: a stop whose reply was cut short
+		// by ctx may have stopped the guest all the same.
 		if !resumed {
-			if cerr := c.Cont(context.WithoutCancel(ctx)); cerr != nil {
-				err = errors.Join(err, fmt.Errorf("epoch %d: cont: %w", n, cerr))
+			if cerr := resumeGuest(context.WithoutCancel(ctx), c); cerr != nil {
+				err = errors.Join(err, fmt.Errorf("epoch %d: resume after a failed checkpoint: %w", n, cerr))
 			}
 		}
 	}()
+	if err := c.Stop(ctx); err != nil {
+		return 0, fmt.Errorf("epoch %d: stop: %w", n, err)
+	}
 	t := time.Now()
 	st.Stop = t.Sub(t0)
 	dirty, err := p.cfg.Tracker.Dirty(ctx)
@@ -550,10 +582,12 @@ func (p *Primary) checkpoint(ctx context.Context, kind Kind, reason Reason, keep
 	if keepPaused {
 		resumed = true
 	} else {
-		resumed = true // a failed cont is not retried by the defer
+		// A cont that fails (ctx ended as it went out) is retried by
+		// the deferred resumeGuest, which does not give up with ctx.
 		if err := c.Cont(ctx); err != nil {
 			return 0, fmt.Errorf("epoch %d: cont: %w", n, err)
 		}
+		resumed = true
 	}
 	st.Cont = time.Since(t)
 	st.Pause = time.Since(t0)

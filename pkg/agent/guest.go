@@ -89,7 +89,7 @@ type protection struct {
 // closes the primary must release the VM's output: the secondary may have
 // last heard the primary up to one heartbeat (100 ms) before the primary
 // last heard it, and the VM's answer still has to cross the LAN.
-const releaseSlack = 250 * time.Millisecond
+const releaseSlack = 150 * time.Millisecond
 
 // tooLate says whether, with the link silent since last, releasing the
 // VM's held output now could come after the secondary's probe stopped

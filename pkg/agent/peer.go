@@ -251,8 +251,11 @@ func (w *watchedConn) silence() time.Duration {
 }
 
 // watch closes the link when it stays silent for timeout, and reports it.
+// It looks every timeout/20: a primary must act on a dead link well
+// before the secondary's probe window closes (protection.tooLate), and
+// every tick of lateness eats into that margin.
 func (w *watchedConn) watch(ctx context.Context, timeout time.Duration, lost func(time.Duration)) {
-	t := time.NewTicker(timeout / 10)
+	t := time.NewTicker(timeout / 20)
 	defer t.Stop()
 	for {
 		select {

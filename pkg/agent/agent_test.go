@@ -15,6 +15,7 @@ import (
 	"github.com/ftctl/ftctl/internal/counterlog"
 	"github.com/ftctl/ftctl/internal/testenv"
 	"github.com/ftctl/ftctl/pkg/agent"
+	"github.com/ftctl/ftctl/pkg/guestimage"
 	"github.com/ftctl/ftctl/pkg/lockstep"
 	"github.com/ftctl/ftctl/pkg/lockstep/wire"
 	"github.com/ftctl/ftctl/pkg/vm"
@@ -106,6 +107,27 @@ func checkStatus(t *testing.T, s agent.VMStatus) {
 	}
 }
 
+// newDisk makes an empty 16 MiB disk image at path.
+func newDisk(t *testing.T, path string) string {
+	t.Helper()
+	if err := os.WriteFile(path, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(path, 16<<20); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+// guestSpec is VM "web": the test guest running workload (its kernel
+// command line part), with a disk of its own.
+func guestSpec(t *testing.T, img guestimage.Image, workload string) vm.Spec {
+	t.Helper()
+	return vm.Spec{Name: "web", MemoryMiB: 128, Kernel: img.Kernel, Initrd: img.Initrd, Accel: vm.AccelTCG,
+		Cmdline: img.Cmdline + " " + workload,
+		Disks:   []vm.Disk{{Path: newDisk(t, filepath.Join(t.TempDir(), "disk.raw"))}}}
+}
+
 func (h *host) waitSerial(t *testing.T, ctx context.Context, name string, ok func([]byte) bool) []byte {
 	t.Helper()
 	for {
@@ -140,12 +162,7 @@ func TestPairFailoverFailback(t *testing.T) {
 		t.Fatal(err)
 	}
 	A, B := newHost(t, ca, "host-a"), newHost(t, ca, "host-b")
-	disk := filepath.Join(t.TempDir(), "disk.raw")
-	os.WriteFile(disk, nil, 0o600)
-	os.Truncate(disk, 16<<20)
-	spec := vm.Spec{Name: "web", MemoryMiB: 128, Kernel: img.Kernel, Initrd: img.Initrd, Accel: vm.AccelTCG,
-		Cmdline: img.Cmdline + " ftguest.run=counter,disk ftguest.interval=50ms ftguest.diskinterval=50ms",
-		Disks:   []vm.Disk{{Path: disk}}}
+	spec := guestSpec(t, img, "ftguest.run=counter,disk ftguest.interval=50ms ftguest.diskinterval=50ms")
 
 	// Errors a user can make, each clear.
 	if _, err := A.c.Pair(ctx, "nope", B.a.PeerAddr()); !errors.Is(err, agent.ErrNotFound) {

@@ -2,8 +2,6 @@ package agent_test
 
 import (
 	"errors"
-	"os"
-	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -13,7 +11,6 @@ import (
 	"github.com/ftctl/ftctl/internal/testenv"
 	"github.com/ftctl/ftctl/pkg/agent"
 	"github.com/ftctl/ftctl/pkg/lockstep/wire"
-	"github.com/ftctl/ftctl/pkg/vm"
 )
 
 // windowArbiter promotes on the VM's silence heard for window: what the
@@ -44,12 +41,7 @@ func TestLateDegradeFences(t *testing.T) {
 		c.PeerTimeout = time.Second
 		c.Arbiter = windowArbiter{window: window}
 	})
-	disk := filepath.Join(t.TempDir(), "disk.raw")
-	os.WriteFile(disk, nil, 0o600)
-	os.Truncate(disk, 16<<20)
-	spec := vm.Spec{Name: "web", MemoryMiB: 128, Kernel: img.Kernel, Initrd: img.Initrd, Accel: vm.AccelTCG,
-		Cmdline: img.Cmdline + " ftguest.run=counter ftguest.interval=50ms",
-		Disks:   []vm.Disk{{Path: disk}}}
+	spec := guestSpec(t, img, "ftguest.run=counter ftguest.interval=50ms")
 	if _, err := A.c.Start(ctx, agent.StartRequest{Spec: spec}); err != nil {
 		t.Fatal(err)
 	}

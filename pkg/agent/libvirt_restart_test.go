@@ -62,9 +62,7 @@ func TestLibvirtLostAfterRestart(t *testing.T) {
 		var once sync.Once
 		return a, c, func() { once.Do(func() { cancel(); <-done }) }
 	}
-	disk := filepath.Join(dir, "disk.raw")
-	os.WriteFile(disk, nil, 0o600)
-	os.Truncate(disk, 16<<20)
+	disk := newDisk(t, filepath.Join(dir, "disk.raw"))
 	prepared, _, err := domxml.Prepare(libvirttest.GuestDomain{
 		Name: "web", Kernel: "/boot/vmlinuz", Initrd: "/boot/initrd", Serial: "/var/log/web.serial",
 		Devices: "    <disk type='file' device='disk'>\n      <driver name='qemu' type='raw'/>\n      <source file='" + disk + "'/>\n      <target dev='vda' bus='virtio'/>\n    </disk>\n",
@@ -194,9 +192,7 @@ func TestLibvirtAgentKillKeepsDomain(t *testing.T) {
 	B := startAgentProc(t, ctx, scB, logB)
 
 	dir := t.TempDir()
-	disk := filepath.Join(dir, "disk.raw")
-	os.WriteFile(disk, nil, 0o600)
-	os.Truncate(disk, 16<<20)
+	disk := newDisk(t, filepath.Join(dir, "disk.raw"))
 	prepared := preparedGuest(t, filepath.Join(dir, "a"), disk)
 	if err := ca.Define(ctx, prepared); err != nil {
 		t.Fatal(err)
@@ -361,9 +357,7 @@ func TestLibvirtShimDeathLeavesLost(t *testing.T) {
 		case <-time.After(10 * time.Millisecond):
 		}
 	}
-	disk := filepath.Join(dir, "disk.raw")
-	os.WriteFile(disk, nil, 0o600)
-	os.Truncate(disk, 16<<20)
+	disk := newDisk(t, filepath.Join(dir, "disk.raw"))
 	prepared, _, err := domxml.Prepare(libvirttest.GuestDomain{
 		Name: "web", Kernel: "/boot/vmlinuz", Initrd: "/boot/initrd",
 		Devices: "    <disk type='file' device='disk'>\n      <driver name='qemu' type='raw'/>\n      <source file='" + disk + "'/>\n      <target dev='vda' bus='virtio'/>\n    </disk>\n",

@@ -549,24 +549,37 @@ func (g *guest) runProtection(ctx context.Context, p *protection) {
 	handover, lost := p.handover, p.vmLost
 	g.mu.Unlock()
 	if lost {
-		g.dropProtection(p)
+		g.freeProtection(p)
+		p.health.close()
 	} else if !handover {
 		g.degrade(p, err)
 	}
 	close(p.done)
 }
 
-// dropProtection closes what an ended protection held here (its dirty
-// tracking, RAM mapping and peer health) and forgets it.
-func (g *guest) dropProtection(p *protection) {
+// freeProtection frees what an ended protection held here (its dirty tracking
+// and RAM mapping) and forgets it. Its peer health is the caller's to
+// close: degrade still asks it after the link is gone.
+func (g *guest) freeProtection(p *protection) {
 	p.tracker.Close()
 	p.region.Close()
-	p.health.close()
 	g.mu.Lock()
 	if g.prot == p {
 		g.prot = nil
 	}
 	g.mu.Unlock()
+}
+
+// detach ends a failed protection's disk stream and link, then releases
+// it; it returns when the link was closed.
+func (g *guest) detach(p *protection) (ended time.Time) {
+	g.dev.stream(nil)
+	drain(p.events)
+	p.cancel()
+	ended = time.Now()
+	p.conn.Close()
+	g.freeProtection(p)
+	return ended
 }
 
 // fenceLate ends a protection whose end was noticed too late to let the
@@ -579,11 +592,8 @@ func (g *guest) fenceLate(p *protection, err error, last time.Time, late time.Du
 	qctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	perr := g.m.QMP().Stop(qctx)
 	cancel()
-	g.dev.stream(nil)
-	drain(p.events)
-	p.cancel()
-	p.conn.Close()
-	g.dropProtection(p)
+	g.detach(p)
+	p.health.close()
 	reason := fmt.Sprintf("secondary lost (%s), noticed %v after it was last heard: %v after %s's LAN probe may have stopped listening, so it may have taken over. "+
 		"Guest paused here with its output held: if %s runs %s now, `ftctl stop %s` here; if not, `ftctl resume %s`",
 		p.conn.cause(err), time.Since(last).Round(time.Millisecond), late.Round(time.Millisecond), p.peer, p.peer, g.name, g.name, g.name)
@@ -649,17 +659,8 @@ func (g *guest) degrade(p *protection, err error) {
 		return
 	}
 	g.dev.passthrough(true)
-	g.dev.stream(nil)
-	drain(p.events)
-	p.cancel()
-	ended := time.Now()
-	p.conn.Close()
-	p.tracker.Close()
-	p.region.Close()
+	ended := g.detach(p)
 	g.mu.Lock()
-	if g.prot == p {
-		g.prot = nil
-	}
 	st := g.state
 	stopping := p.stopping
 	g.mu.Unlock()
